@@ -1,0 +1,203 @@
+"""The Timestep-Aware Semantic Connector (TSC) of ELLA.
+
+A Perceiver-style resampler: `num_latents` learned queries attend to the projected LLM features through
+`layers` blocks whose LayerNorms are modulated by the diffusion timestep (AdaLN). Parameter names follow the
+reference checkpoint exactly (`time_embedding.*`, `connector.*`), so the released file loads strictly.
+
+Prompt path: features (B, L, input_dim) -> `project_text` (B, L, width), independent of t and therefore
+computed once per prompt -> `forward_projected` at each sampling step's t -> context (B, num_latents, width).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ELLAConfig
+
+Timesteps = Union[int, float, torch.Tensor]
+
+
+def timestep_sinusoid(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """SD-UNet style sinusoidal features, float32: (B,) -> (B, channels), cosines first, no frequency shift."""
+    half = channels // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(ELLAConfig.MAX_PERIOD) * k / (half - ELLAConfig.FREQ_SHIFT))
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def broadcast_timesteps(timesteps: Timesteps, batch: int, device: torch.device) -> torch.Tensor:
+    """A number, 0-d, [1] or [B] timestep -> float32 (B,). Fractional values stay fractional."""
+    t = torch.as_tensor(timesteps, dtype=torch.float32, device=device).reshape(-1)
+    if t.numel() == 1:
+        return t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"ELLA: got {t.numel()} timesteps for a batch of {batch}; pass one timestep or one per sample")
+    return t
+
+
+class TimestepEmbedding(nn.Module):
+    """(B, time_channel) sinusoid -> (B, time_embed_dim): Linear, SiLU, Linear."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(sinusoid)))
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm without affine, scaled and shifted by the timestep embedding: norm(h) * (1 + scale) + shift."""
+
+    def __init__(self, width: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(time_embed_dim, 2 * width)  # rows: [shift, scale]
+        nn.init.zeros_(self.linear.weight)  # starts as a plain LayerNorm
+        nn.init.zeros_(self.linear.bias)
+
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, time_embed_dim) -> shift, scale, each (B, 1, width)."""
+        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        return shift, scale
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """`normed` lets a caller pass LayerNorm(h) it already holds (the text's norm is timestep-free)."""
+        shift, scale = self.modulation(temb)
+        if normed is None:
+            normed = F.layer_norm(h, h.shape[-1:], eps=ELLAConfig.NORM_EPS)
+        return normed * (1 + scale) + shift
+
+
+class PackedAttention(nn.Module):
+    """Multi-head attention with the packed q/k/v layout of `torch.nn.MultiheadAttention` (same key names)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """query (B, N, W), kv (B, N + L, W) -> (B, N, W)."""
+        B, N, W = query.shape
+        w_q, w_kv = self.in_proj_weight.split([W, 2 * W])
+        b_q, b_kv = self.in_proj_bias.split([W, 2 * W])
+        q = F.linear(query, w_q, b_q)
+        k, v = F.linear(kv, w_kv, b_kv).chunk(2, dim=-1)
+        q, k, v = (x.unflatten(-1, (self.heads, W // self.heads)).transpose(1, 2) for x in (q, k, v))  # (B, h, *, W/h)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, W))
+
+
+class SquaredReLUMLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.relu(self.c_fc(h)).square())
+
+
+class PerceiverBlock(nn.Module):
+    def __init__(self, config: ELLAConfig) -> None:
+        super().__init__()
+        W, T = config.width, config.time_embed_dim
+        self.attn = PackedAttention(W, config.heads)
+        self.ln_1 = AdaLayerNorm(W, T)  # latents, before attention
+        self.ln_2 = AdaLayerNorm(W, T)  # text, before attention
+        self.ln_ff = AdaLayerNorm(W, T)  # latents, before the MLP
+        self.mlp = SquaredReLUMLP(W, config.MLP_RATIO * W)
+
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, text_normed: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """latents (B, N, W), text and LayerNorm(text) (B, L, W), temb (B, 1, T) -> latents (B, N, W)."""
+        n = self.ln_1(latents, temb)
+        kv = torch.cat([n, self.ln_2(text, temb, normed=text_normed)], dim=1)  # (B, N + L, W)
+        latents = latents + self.attn(n, kv)
+        return latents + self.mlp(self.ln_ff(latents, temb))
+
+
+class PerceiverResampler(nn.Module):
+    """Holds the `connector.*` parameters of the reference layout."""
+
+    def __init__(self, config: ELLAConfig) -> None:
+        super().__init__()
+        W = config.width
+        self.latents = nn.Parameter(torch.randn(config.num_latents, W) * W**-0.5)
+        self.time_aware_linear = nn.Linear(config.time_embed_dim, W)
+        self.proj_in = nn.Linear(config.input_dim, W)
+        self.perceiver_blocks = nn.ModuleList(PerceiverBlock(config) for _ in range(config.layers))
+
+    def forward(self, text: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """text: projected features (B, L, W); temb (B, 1, T) -> (B, N, W)."""
+        latents = self.latents.unsqueeze(0) + self.time_aware_linear(F.silu(temb))  # (B, N, W)
+        text_normed = F.layer_norm(text, text.shape[-1:], eps=ELLAConfig.NORM_EPS)  # shared by every block's ln_2
+        for block in self.perceiver_blocks:
+            latents = block(latents, text, text_normed, temb)
+        return latents
+
+
+class ELLA(nn.Module):
+    """The connector: LLM features and a diffusion timestep -> UNet cross-attention context."""
+
+    def __init__(self, config: ELLAConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ELLAConfig()
+        self.time_embedding = TimestepEmbedding(self.config.time_channel, self.config.time_embed_dim)
+        self.connector = PerceiverResampler(self.config)
+        if self.config.pooled_dim is not None:
+            self.pooled_proj = nn.Linear(self.config.width, self.config.pooled_dim)
+            nn.init.zeros_(self.pooled_proj.weight)  # SDXL starts from "no pooled text"
+            nn.init.zeros_(self.pooled_proj.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.connector.latents.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.connector.latents.device
+
+    def _check_features(self, features: torch.Tensor, dim: int, what: str) -> None:
+        if features.ndim != 3 or features.shape[-1] != dim:
+            raise ValueError(
+                f"ELLA: {what} must have shape (batch, tokens, {dim}), got {tuple(features.shape)}"
+                + (f"; this connector expects LLM width input_dim={dim}" if what == "text_features" else "")
+            )
+
+    def project_text(self, text_features: torch.Tensor) -> torch.Tensor:
+        """(B, L, input_dim) -> (B, L, width). Independent of the timestep: compute once per prompt."""
+        self._check_features(text_features, self.config.input_dim, "text_features")
+        return self.connector.proj_in(text_features.to(device=self.device, dtype=self.dtype))
+
+    def time_embed(self, timesteps: Timesteps, batch: int) -> torch.Tensor:
+        """-> (B, 1, time_embed_dim) in the module's dtype."""
+        t = broadcast_timesteps(timesteps, batch, self.device)
+        sinusoid = timestep_sinusoid(t, self.config.time_channel).to(self.dtype)
+        return self.time_embedding(sinusoid).unsqueeze(1)
+
+    def forward_projected(self, projected: torch.Tensor, timesteps: Timesteps) -> torch.Tensor:
+        """Projected prompt (B, L, width) at timesteps (number, [1] or [B]) -> context (B, num_latents, width)."""
+        self._check_features(projected, self.config.width, "projected text")
+        projected = projected.to(device=self.device, dtype=self.dtype)
+        return self.connector(projected, self.time_embed(timesteps, projected.shape[0]))
+
+    def forward(self, text_features: torch.Tensor, timesteps: Timesteps) -> torch.Tensor:
+        """LLM features (B, L, input_dim) at timesteps (number, [1] or [B]) -> context (B, num_latents, width)."""
+        return self.forward_projected(self.project_text(text_features), timesteps)
+
+    def pooled(self, context: torch.Tensor) -> torch.Tensor:
+        """SDXL's pooled text embedding from this step's context: (B, N, width) -> (B, pooled_dim)."""
+        if self.config.pooled_dim is None:
+            raise ValueError("ELLA: this connector has no pooled head (pooled_dim is None); it targets SD1.5-style bases")
+        return self.pooled_proj(context.mean(dim=1))
