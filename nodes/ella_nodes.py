@@ -1,0 +1,163 @@
+"""The four ELLA nodes (V3 schema). Each resolves its inputs, calls ella_core / the hook, and returns."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+from comfy_api.latest import io
+
+from ..ella_core import load_ella_with_metadata
+from ..ella_core.conditioning import EllaPrompt, check_context_width, check_llm_width
+from ..ella_core.text_encoder import load_text_encoder
+from . import folders, hook
+from .managed import ManagedConnector, ManagedTextEncoder
+
+ELLAType = io.Custom("ELLA")
+TextEncoderType = io.Custom("ELLA_TEXT_ENCODER")
+CATEGORY = "conditioning/ella"
+DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _model_context_dim(model) -> int | None:
+    return hook._model_context_dim(model.model)
+
+
+class ELLALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ELLALoader",
+            display_name="Load ELLA",
+            category=CATEGORY,
+            description="Loads an ELLA connector (TSC), which turns LLM prompt features into the UNet's "
+                        "cross-attention context at every sampling step.",
+            inputs=[io.Combo.Input("ella_name", options=folder_paths.get_filename_list(folders.ELLA_FOLDER),
+                                   tooltip="Connector file in models/ella (or an `ella` path in extra_model_paths.yaml).")],
+            outputs=[ELLAType.Output(display_name="ELLA", tooltip="The connector, managed with the UNet.")],
+        )
+
+    @classmethod
+    def execute(cls, ella_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(folders.ELLA_FOLDER, ella_name)
+        device = mm.get_torch_device()
+        dtype = torch.float32 if device.type == "cpu" or not mm.should_use_fp16(device) else torch.float16
+        module, metadata = load_ella_with_metadata(path, device=mm.unet_offload_device(), dtype=dtype)
+        return io.NodeOutput(ManagedConnector.create(module, metadata, ella_name))
+
+
+class ELLATextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ELLATextEncoderLoader",
+            display_name="Load ELLA Text Encoder",
+            category=CATEGORY,
+            description="Loads the LLM (T5, Llama, ...) whose features an ELLA connector reads; ComfyUI "
+                        "moves it to the GPU only while encoding.",
+            inputs=[
+                io.Combo.Input("model_name", options=folders.list_text_encoders(),
+                               tooltip="HF model folder (with config.json), .gguf, or .safetensors with a tokenizer "
+                                       "folder beside it, in models/text_encoders or models/LLM."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="default",
+                               tooltip="Weights dtype. default: fp16 on GPU, fp32 on CPU. ELLA's T5 was trained in fp16."),
+                io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",
+                               tooltip="auto: ComfyUI's text-encoder device; cpu keeps the LLM off the GPU entirely."),
+                io.Combo.Input("token_mode", options=["fixed", "flexible"], default="fixed",
+                               tooltip="fixed: pad/truncate to max_length as in training; flexible: no padding."),
+                io.Int.Input("max_length", default=128, min=1, max=4096,
+                             tooltip="Token length (fixed mode) or truncation limit (flexible mode)."),
+            ],
+            outputs=[TextEncoderType.Output(display_name="ELLA_TEXT_ENCODER", tooltip="The managed LLM encoder.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str, device: str, token_mode: str, max_length: int) -> io.NodeOutput:
+        path = folders.resolve_text_encoder(model_name)
+        if device == "cpu":
+            load_device = offload_device = torch.device("cpu")
+        elif device == "gpu":
+            load_device, offload_device = mm.get_torch_device(), mm.text_encoder_offload_device()
+        else:
+            load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        torch_dtype = DTYPES[dtype] or (torch.float32 if load_device.type == "cpu" else mm.text_encoder_dtype(load_device))
+        tokenizer = folders.tokenizer_beside(path) if path.endswith(".safetensors") else None
+        encoder = load_text_encoder(path, tokenizer=tokenizer, dtype=torch_dtype, device=offload_device)
+        return io.NodeOutput(ManagedTextEncoder.create(encoder, model_name, load_device, offload_device,
+                                                       token_mode, max_length))
+
+
+class ELLAEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ELLAEncode",
+            display_name="ELLA Encode",
+            category=CATEGORY,
+            description="Encodes a prompt with the LLM into an ordinary CONDITIONING whose context the ELLA "
+                        "connector recomputes at every sampling step (needs ELLA Timestep Conditioning on the MODEL).",
+            inputs=[
+                TextEncoderType.Input("text_encoder", tooltip="From Load ELLA Text Encoder."),
+                ELLAType.Input("ella", tooltip="From Load ELLA: the connector that reads these features."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt, in natural language. (word:1.2) weights are ignored by the LLM."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional CLIP: its tokens for the same text are appended after ELLA's "
+                                      "(keeps LoRA trigger words and styles)."),
+                io.Float.Input("clip_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="Scale of the appended CLIP tokens (only used with clip)."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Use like any CONDITIONING (KSampler, Combine, area, ControlNet).")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder: ManagedTextEncoder, ella: ManagedConnector, text: str, clip=None,
+                clip_weight: float = 1.0) -> io.NodeOutput:
+        check_llm_width(text_encoder.hidden_size, ella.module, f"text encoder '{text_encoder.name}'",
+                        f"ELLA connector '{ella.name}'")
+        features = text_encoder.encode(text)  # (1, L, D_llm)
+        clip_tokens = clip_pooled = None
+        if clip is not None:
+            clip_tokens, clip_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            if clip_tokens.shape[-1] != ella.module.config.width:
+                raise ValueError(f"ELLA Encode: CLIP tokens have width {clip_tokens.shape[-1]} but connector "
+                                 f"'{ella.name}' outputs width {ella.module.config.width}; use the CLIP of the same base model.")
+        prompt = EllaPrompt(features=features, connector=ella, text=text, clip_tokens=clip_tokens,
+                            clip_weight=clip_weight, clip_pooled=clip_pooled, name=f"ELLA connector '{ella.name}'")
+        # Placeholder of the context's shape: the hook replaces it at every model call.
+        tokens = ella.module.config.num_latents + (clip_tokens.shape[1] if clip_tokens is not None else 0)
+        placeholder = torch.zeros(1, tokens, ella.module.config.width)
+        options = {"model_conds": {hook.COND_KEY: hook.ELLACond(prompt)}, "additional_models": [ella.patcher]}
+        pooled_dim = ella.module.config.pooled_dim
+        if pooled_dim is not None:
+            options["pooled_output"] = torch.zeros(1, pooled_dim)  # replaced per step by the pooled head
+        elif clip_pooled is not None:
+            options["pooled_output"] = clip_pooled
+        return io.NodeOutput([[placeholder, options]])
+
+
+class ELLATimestepConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ELLATimestepConditioning",
+            display_name="ELLA Timestep Conditioning",
+            category=CATEGORY,
+            description="Patches the MODEL so every ELLA conditioning gets the connector's context for the exact "
+                        "timestep of each model call (any sampler, scheduler, denoise); plain conditionings pass through.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to sample with."),
+                ELLAType.Input("ella", tooltip="The connector; it is loaded and offloaded together with the model."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, ella: ManagedConnector) -> io.NodeOutput:
+        check_context_width(ella.module, _model_context_dim(model), f"ELLA connector '{ella.name}'",
+                            "the diffusion model")
+        return io.NodeOutput(hook.patch_model(model, ella.patcher))
+
+
+NODES = [ELLALoader, ELLATextEncoderLoader, ELLAEncode, ELLATimestepConditioning]

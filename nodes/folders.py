@@ -1,0 +1,91 @@
+"""Model folders: `ella` (connectors) and the LLM text encoders in `text_encoders` and `LLM`.
+
+Paths users add in extra_model_paths.yaml (`ella: ...`, `LLM: ...`) are kept; we only make sure the
+default folder is listed and the extension filter is set (a bare `add_model_folder_path` leaves it empty,
+which would list every file).
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+ELLA_FOLDER = "ella"
+ENCODER_FOLDERS = ("text_encoders", "LLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json")
+
+
+def _register(name: str, extensions: set[str]) -> None:
+    default = os.path.join(folder_paths.models_dir, name)
+    if name in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
+    else:
+        folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+
+
+def register_folders() -> None:
+    """Called once when the pack is imported; creates no folders."""
+    _register(ELLA_FOLDER, {".safetensors"})
+    _register("LLM", {".safetensors", ".gguf"})
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
+def tokenizer_beside(path: str) -> str | None:
+    """Tokenizer folder for a single-file encoder: `<stem>_tokenizer/`, `<stem>/` or `tokenizer/` beside it."""
+    stem = os.path.splitext(path)[0]
+    for candidate in (stem + "_tokenizer", stem, os.path.join(os.path.dirname(path), "tokenizer")):
+        if _has_tokenizer(candidate):
+            return candidate
+    return None
+
+
+def _encoder_roots() -> list[str]:
+    roots = []
+    for name in ENCODER_FOLDERS:
+        if name in folder_paths.folder_names_and_paths:
+            roots += [p for p in folder_paths.get_folder_paths(name) if p not in roots]
+    return roots
+
+
+def list_text_encoders() -> list[str]:
+    """Names (relative to their folder) of HF folders with a config.json, .gguf files, and .safetensors with a
+    tokenizer folder beside them; found in models/text_encoders, models/clip and models/LLM."""
+    names: list[str] = []
+    for root in _encoder_roots():
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if "config.json" in filenames and depth > 0:
+                names.append(rel.replace(os.sep, "/"))
+                dirnames[:] = []  # a model folder's subfolders are its own business
+                continue
+            if depth >= 3:
+                dirnames[:] = []
+            for f in filenames:
+                full = os.path.join(dirpath, f)
+                name = os.path.relpath(full, root).replace(os.sep, "/")
+                if f.endswith(".gguf") or (f.endswith(".safetensors") and tokenizer_beside(full)):
+                    names.append(name)
+    return sorted(set(names))
+
+
+def resolve_text_encoder(name: str) -> str:
+    """Full path of a listed text encoder; the error names the folders searched."""
+    roots = _encoder_roots()
+    for root in roots:
+        root = os.path.normpath(root)
+        full = os.path.normpath(os.path.join(root, name))
+        if os.path.commonpath([root, full]) != root:
+            continue  # no escaping the model folders
+        if os.path.exists(full):
+            return full
+    raise FileNotFoundError(f"ELLA text encoder '{name}' not found in {roots}")

@@ -1,0 +1,139 @@
+// Drives the real ComfyUI frontend in headless Debian chromium (never a downloaded browser) and reports, as JSON,
+// what it sees for each example workflow and for the token-count extension. Assertions live in the pytest side
+// (test_frontend.py); this script only observes.
+//
+// node check_workflows.mjs CONFIG.json   (CONFIG: {server, workflows: {name: path}, user_data_dir, screenshot,
+//                                          text_encoder_name, long_prompt, short_prompt, out})
+import { createRequire } from "node:module";
+import fs from "node:fs";
+import path from "node:path";
+
+const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const require = createRequire(path.join(process.env.ELLA_NODE_MODULES, "noop.js"));
+const { chromium } = require("playwright-core");
+
+const report = { console_errors: [], page_errors: [], http_errors: [], workflows: {}, tokens: {} };
+const browser = await chromium.launchPersistentContext(config.user_data_dir, {
+  executablePath: "/usr/bin/chromium",
+  headless: true,
+  viewport: { width: 1600, height: 1000 },
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+  ],
+});
+
+async function waitFor(page, fn, arg, timeout = 30000) {
+  await page.waitForFunction(fn, arg, { timeout, polling: 100 });
+}
+
+try {
+  const page = browser.pages()[0] ?? (await browser.newPage());
+  page.on("console", (m) => { if (m.type() === "error") report.console_errors.push(m.text()); });
+  page.on("pageerror", (e) => report.page_errors.push(String(e)));
+  page.on("response", (r) => { if (r.status() >= 400) report.http_errors.push(`${r.status()} ${r.url()}`); });
+  await page.goto(config.server, { waitUntil: "load", timeout: 120000 });
+  await waitFor(page, () => window.app?.graph && window.LiteGraph && window.app.canvas, null, 120000);
+  // Extensions (ours included) are registered once the node definitions have arrived.
+  await waitFor(page, () => !!window.LiteGraph.registered_node_types["ELLAEncode"], null, 60000);
+  report.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
+
+  for (const [name, file] of Object.entries(config.workflows)) {
+    const workflow = JSON.parse(fs.readFileSync(file, "utf8"));
+    const seen = await page.evaluate(async ([wf, name]) => {
+      const app = window.app;
+      await app.loadGraphData(structuredClone(wf), true, true, name);
+      const graph = app.graph;
+      const registered = window.LiteGraph.registered_node_types;
+      const nodes = graph.nodes ?? graph._nodes;
+      const linkList = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
+      const problems = [];
+      for (const n of nodes) {
+        if (!registered[n.type]) problems.push(`node ${n.id}: type ${n.type} not registered`);
+        if (n.has_errors) problems.push(`node ${n.id}: ${n.type} has errors`);
+      }
+      for (const l of linkList) {
+        if (!l) continue;
+        const o = graph.getNodeById(l.origin_id), t = graph.getNodeById(l.target_id);
+        if (!o) problems.push(`link ${l.id}: origin node ${l.origin_id} missing`);
+        else if (!o.outputs?.[l.origin_slot]) problems.push(`link ${l.id}: origin slot ${l.origin_slot} missing`);
+        else if (!(o.outputs[l.origin_slot].links ?? []).includes(l.id))
+          problems.push(`link ${l.id}: origin output does not list it`);
+        if (!t) problems.push(`link ${l.id}: target node ${l.target_id} missing`);
+        else if (t.inputs?.[l.target_slot]?.link !== l.id) problems.push(`link ${l.id}: target input not linked`);
+      }
+      const serialized = graph.serialize();
+      const prompt = await app.graphToPrompt();
+      return {
+        node_count: nodes.length,
+        link_count: linkList.filter(Boolean).length,
+        problems,
+        nodes: serialized.nodes,
+        extra: serialized.extra,
+        links: serialized.links,
+        api_prompt: prompt.output,
+      };
+    }, [workflow, name]);
+    report.workflows[name] = seen;
+  }
+
+  // Token count on ELLA Encode: point the loader at the test's text encoder, then type a short and a long prompt.
+  const tokenWorkflow = JSON.parse(fs.readFileSync(config.workflows[config.token_workflow], "utf8"));
+  await page.evaluate(async ([wf, encoderName]) => {
+    const app = window.app;
+    await app.loadGraphData(structuredClone(wf), true, true, "tokens");
+    for (const n of app.graph.nodes) {
+      if (n.comfyClass === "ELLATextEncoderLoader") {
+        const w = n.widgets.find((w) => w.name === "model_name");
+        w.value = encoderName;
+      }
+    }
+  }, [tokenWorkflow, config.text_encoder_name]);
+
+  const readTokens = (prompt) => page.evaluate(async (prompt) => {
+    const node = window.app.graph.nodes.find((n) => n.comfyClass === "ELLAEncode");
+    const text = node.widgets.find((w) => w.name === "text");
+    text.value = prompt;
+    if (text.element) {
+      text.element.value = prompt;
+      text.element.dispatchEvent(new Event("input"));
+    }
+    node.ellaTokenInfo = null;
+    return node.id;
+  }, prompt);
+  const waitTokens = async (prompt) => {
+    const id = await readTokens(prompt);
+    await waitFor(page, ([id, prompt]) => {
+      const node = window.app.graph.getNodeById(id);
+      return node.ellaTokenInfo && node.ellaTokenInfo.text === prompt &&
+        (node.ellaTokenInfo.total !== undefined || node.ellaTokenInfo.error);
+    }, [id, prompt], 60000);
+    return page.evaluate((id) => {
+      const node = window.app.graph.getNodeById(id);
+      const el = node.widgets.find((w) => w.name === "ella_token_count")?.element;
+      return { info: node.ellaTokenInfo, dom_text: el?.textContent ?? null, over: el?.dataset?.over ?? null,
+               visible: !!el && el.isConnected && el.offsetParent !== null };
+    }, id);
+  };
+  report.tokens.short = await waitTokens(config.short_prompt);
+  report.tokens.long = await waitTokens(config.long_prompt);
+  // The widgets still serialise exactly as before (the display widget is never saved or queued).
+  report.tokens.serialized = await page.evaluate(() => {
+    const n = window.app.graph.serialize().nodes.find((n) => n.type === "ELLAEncode");
+    return n.widgets_values;
+  });
+  await page.evaluate(() => {
+    const node = window.app.graph.nodes.find((n) => n.comfyClass === "ELLAEncode");
+    const canvas = window.app.canvas;
+    canvas.ds.scale = 1.0;
+    canvas.ds.offset = [-node.pos[0] + 450, -node.pos[1] + 250];
+    canvas.setDirty(true, true);
+  });
+  await page.waitForTimeout(800);
+  await page.screenshot({ path: config.screenshot });
+} catch (e) {
+  report.fatal = String(e.stack ?? e);
+} finally {
+  await browser.close();
+  fs.writeFileSync(config.out, JSON.stringify(report, null, 1));
+}

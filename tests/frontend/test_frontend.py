@@ -1,0 +1,177 @@
+"""The real ComfyUI frontend, in headless Debian chromium, with this pack loaded by a real server.
+
+- every example workflow loads with all node types registered and every link intact, its widgets serialise
+  back unchanged, and the frontend's own UI -> API conversion equals scripts/workflow_to_prompt.py's;
+- the web extension shows a live token count on ELLA Encode, equal to the tokenizer's own count, and the
+  over-limit warning (with the truncated words) for a long prompt;
+- the /ella/tokenize route answers bad requests with 4xx and a message, never a server error.
+
+The browser is driven by check_workflows.mjs (playwright-core from $ELLA_NODE_MODULES, executablePath
+/usr/bin/chromium); it never downloads a browser. The screenshot lands in the test's tmp folder (path printed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.comfy_server import ComfyServer
+from tests.support.tiny_models import t5_tokenizer_dir, write_all
+from tests.workflows.examples import example_files, write_input_image  # puts scripts/ on sys.path
+
+from workflow_to_prompt import workflow_to_prompt  # noqa: E402  (scripts/)
+
+HERE = Path(__file__).resolve().parent
+CHROMIUM = "/usr/bin/chromium"
+SHORT_PROMPT = "a red fox sitting in a snowy birch forest"
+LONG_PROMPT = " ".join(f"word{i} in a very long prompt about a castle" for i in range(40)) + " FINAL_TAIL_WORDS"
+MAX_LENGTH = 128  # the examples' Load ELLA Text Encoder max_length
+
+
+def _need_browser() -> str:
+    modules = os.environ.get("ELLA_NODE_MODULES", "")
+    if not (Path(modules) / "playwright-core").is_dir():
+        pytest.fail("ELLA_NODE_MODULES has no playwright-core: run eval \"$(bash scripts/setup_env.sh)\"")
+    if not Path(CHROMIUM).is_file() or shutil.which("node") is None:
+        pytest.fail(f"{CHROMIUM} and node are needed for the frontend test (scripts/setup_env.sh installs them)")
+    return modules
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy-frontend")
+    tiny = write_all(base / "models")
+    write_input_image(base / "input" / "example.png")
+    # First-run and missing-model dialogs would cover the canvas in the screenshot.
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True,
+                                    "Comfy.Workflow.ShowMissingModelsWarning": False}))
+    srv = ComfyServer(base)
+    srv.start()
+    srv.tiny = tiny
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _post(server: ComfyServer, path: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"{}")
+        except ValueError:
+            return e.code, {"error": raw.decode(errors="replace")}
+
+
+def reference_count(text: str) -> int:
+    """Tokens of the tiny T5 folder's tokenizer (ComfyUI's T5 sentencepiece), EOS included."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(t5_tokenizer_dir()))(text)["input_ids"])
+
+
+def test_tokenize_route(server):
+    name = server.tiny.text_encoder
+    status, short = _post(server, "/ella/tokenize", {"text": SHORT_PROMPT, "model_name": name, "max_length": 128})
+    assert status != 405, "POST /ella/tokenize is not registered: the pack's __init__ must call register_routes()"
+    assert status == 200, short
+    assert short["total"] == reference_count(SHORT_PROMPT) and short["dropped"] == 0 and short["dropped_text"] == ""
+    status, long = _post(server, "/api/ella/tokenize", {"text": LONG_PROMPT, "model_name": name, "max_length": 128})
+    assert status == 200, long
+    assert long["total"] == reference_count(LONG_PROMPT) > 128
+    assert long["kept"] == 128 and long["dropped"] == long["total"] - 128
+    assert long["dropped_text"].endswith("FINAL_TAIL_WORDS") and len(long["dropped_text"]) < len(LONG_PROMPT)
+    status, flex = _post(server, "/ella/tokenize", {"text": LONG_PROMPT, "model_name": name, "max_length": 128,
+                                                    "token_mode": "flexible"})
+    assert status == 200 and flex["dropped"] == 0 and flex["kept"] == flex["total"] == long["total"], flex
+    # Weighting syntax is stripped before counting, as ELLA Encode does.
+    _, weighted = _post(server, "/ella/tokenize", {"text": "(a red fox:1.3) sitting", "model_name": name})
+    assert weighted["total"] == reference_count("a red fox sitting")
+    # Bad requests: clear 4xx answers, and the server keeps serving.
+    assert _post(server, "/ella/tokenize", {"text": "x", "model_name": "nope"})[0] == 404
+    status, err = _post(server, "/ella/tokenize", {"text": "x", "model_name": name, "max_length": "many"})
+    assert status == 400 and "max_length" in err["error"]
+    assert _post(server, "/ella/tokenize", b"not json")[0] == 400
+    assert _post(server, "/ella/tokenize", {"text": "x", "model_name": "../../../etc"})[0] == 404
+    assert server.get_json("/system_stats")
+
+
+def test_template_browser_lists_examples(server):
+    """ComfyUI serves example_workflows/ to the template browser, each example once."""
+    pack = next((server.base_dir / "custom_nodes").iterdir()).name
+    listed = server.get_json("/workflow_templates")[pack]
+    assert sorted(listed) == sorted(p.stem for p in example_files()), listed
+    for name in listed:
+        served = server.get_json(f"/api/workflow_templates/{pack}/{name}.json")
+        assert served == json.loads((example_files()[0].parent / f"{name}.json").read_text())
+
+
+def test_examples_and_token_count_in_browser(server, tmp_path):
+    modules = _need_browser()
+    workflows = {p.stem: str(p) for p in example_files()}
+    config = {
+        "server": server.url, "workflows": workflows, "token_workflow": "ella_txt2img_sd15",
+        "user_data_dir": str(tmp_path / "chromium-profile"), "screenshot": str(tmp_path / "ella_encode.png"),
+        "text_encoder_name": server.tiny.text_encoder, "short_prompt": SHORT_PROMPT, "long_prompt": LONG_PROMPT,
+        "out": str(tmp_path / "report.json"),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = dict(os.environ, ELLA_NODE_MODULES=modules)
+    proc = subprocess.run(["node", str(HERE / "check_workflows.mjs"), str(tmp_path / "config.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert Path(config["out"]).is_file(), f"node script wrote no report:\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(Path(config["out"]).read_text())
+    assert "fatal" not in report, report.get("fatal")
+    print(f"screenshot: {config['screenshot']}")
+    assert "ELLA.TokenCount" in report["extensions"], report["extensions"]
+    assert not report["page_errors"], report["page_errors"]
+    ours = [e for e in report["http_errors"] if "/ella/" in e or "/extensions/" in e or "example.png" in e]
+    assert not ours, ours
+
+    object_info = server.object_info()
+    for name, path in workflows.items():
+        wf = json.loads(Path(path).read_text())
+        seen = report["workflows"][name]
+        assert seen["problems"] == [], f"{name}: {seen['problems']}"
+        assert seen["node_count"] == len(wf["nodes"]) and seen["link_count"] == len(wf["links"]), name
+        # Saved back by the frontend, every node is what the file says: the files are in 1.32.9's own format.
+        saved = {n["id"]: n for n in seen["nodes"]}
+        for node in wf["nodes"]:
+            for key in ("type", "mode", "inputs", "outputs", "widgets_values", "properties", "title"):
+                assert saved[node["id"]].get(key) == node.get(key), (
+                    f"{name}: node {node['id']} ({node['type']}) '{key}' changed when the frontend saved it:\n"
+                    f"file:     {node.get(key)}\nfrontend: {saved[node['id']].get(key)}")
+        assert seen["extra"]["frontendVersion"] == wf["extra"]["frontendVersion"]
+        assert sorted(map(tuple, seen["links"])) == sorted(map(tuple, wf["links"])), name
+        ours = workflow_to_prompt(wf, object_info)
+        theirs = seen["api_prompt"]
+        assert set(ours) == set(theirs), f"{name}: node sets differ"
+        for node_id, entry in ours.items():
+            assert entry["class_type"] == theirs[node_id]["class_type"]
+            assert entry["inputs"] == theirs[node_id]["inputs"], (
+                f"{name}: node {node_id} ({entry['class_type']}): ours {entry['inputs']} vs frontend's "
+                f"{theirs[node_id]['inputs']}")
+
+    short, long = report["tokens"]["short"], report["tokens"]["long"]
+    assert short["info"]["total"] == reference_count(SHORT_PROMPT) and short["over"] == "0", short
+    assert f"{short['info']['total']} / {MAX_LENGTH} tokens" in short["dom_text"] and short["visible"], short
+    assert long["info"]["total"] == reference_count(LONG_PROMPT) and long["info"]["dropped"] > 0, long
+    assert long["over"] == "1" and "over the limit" in long["dom_text"], long
+    assert f"{long['info']['dropped']} tokens truncated" in long["dom_text"]
+    assert "FINAL_TAIL_WORDS" in long["info"]["dropped_text"]
+    # The display widget is never saved: ELLA Encode still serialises [text, clip_weight].
+    assert report["tokens"]["serialized"] == [LONG_PROMPT, 1.0], report["tokens"]["serialized"]
+    assert Path(config["screenshot"]).stat().st_size > 10_000

@@ -1,0 +1,1 @@
+"""Shared test support: tiny models (tiny_models.py) and a real ComfyUI server (comfy_server.py)."""

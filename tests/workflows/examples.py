@@ -1,0 +1,73 @@
+"""Helpers for running the example workflows on a real ComfyUI server with tiny models (tests/workflows, tests/frontend)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from tests.support.tiny_models import write_all  # noqa: E402
+from tests.workflows.extra_models import write_tiny_controlnet, write_tiny_lora  # noqa: E402
+
+WORKFLOW_DIR = ROOT / "example_workflows"
+TEST_SIZE = 128  # pixels; the examples use 512, the tiny UNet needs no more to show the graph runs
+
+
+def write_input_image(path: Path, size: int = TEST_SIZE) -> None:
+    """A small colourful PNG standing in for ComfyUI's example.png (LoadImage inputs: img2img, ControlNet)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 255 // size, y * 255 // size, ((x // 16 + y // 16) % 2) * 255], -1).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+def example_files() -> list[Path]:
+    files = sorted(WORKFLOW_DIR.glob("*.json"))
+    if not files:
+        raise RuntimeError(f"no example workflows in {WORKFLOW_DIR}")
+    return files
+
+
+def substitute_tiny(prompt: dict, names: dict, size: int = TEST_SIZE, steps: int = 2) -> dict:
+    """The API prompt with the tiny models' file names, a small image and few steps (the graph is unchanged)."""
+    scale = size / 512
+    for node in prompt.values():
+        inputs, ctype = node["inputs"], node["class_type"]
+        if ctype == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = names["ckpt"]
+        elif ctype == "ELLALoader":
+            inputs["ella_name"] = names["ella"]
+        elif ctype == "ELLATextEncoderLoader":
+            inputs["model_name"] = names["text_encoder"]
+        elif ctype == "LoraLoader":
+            inputs["lora_name"] = names["lora"]
+        elif ctype == "ControlNetLoader":
+            inputs["control_net_name"] = names["controlnet"]
+        elif ctype == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = size
+        elif ctype == "ConditioningSetArea":
+            for key in ("width", "height", "x", "y"):
+                inputs[key] = int(inputs[key] * scale) // 8 * 8
+            inputs["width"], inputs["height"] = max(inputs["width"], 64), max(inputs["height"], 64)
+        elif "steps" in inputs and not isinstance(inputs["steps"], list):
+            inputs["steps"] = steps
+    return prompt
+
+
+
+def tiny_models_base(base: Path) -> dict:
+    """Fill `base` (a ComfyUI base directory) with tiny models for every loader the examples use; returns
+    role -> file name as the loaders list them."""
+    models = base / "models"
+    tiny = write_all(models)
+    names = {
+        "ckpt": tiny.checkpoint, "ella": tiny.ella, "text_encoder": tiny.text_encoder,
+        "controlnet": write_tiny_controlnet(models).name,
+        "lora": write_tiny_lora(models, models / "checkpoints" / tiny.checkpoint).name,
+    }
+    write_input_image(base / "input" / "example.png")
+    return names

@@ -1,0 +1,116 @@
+"""Every example workflow, queued through a real ComfyUI server's HTTP API with tiny models, saves a real PNG.
+
+Also checks that the committed example files are exactly what scripts/build_example_workflows.py generates from
+the server's current /object_info (so widget order and defaults match the installed nodes), and that the
+UI -> API converter rejects what it cannot convert with a message naming the node.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.workflows.examples import TEST_SIZE, WORKFLOW_DIR, example_files, substitute_tiny  # puts scripts/ on sys.path
+
+import build_example_workflows as builder  # noqa: E402  (scripts/)
+from workflow_to_prompt import WorkflowError, widget_values_by_name, workflow_to_prompt  # noqa: E402
+
+EXPECTED = {  # file -> node types it must contain (the feature each example shows)
+    "ella_txt2img_sd15.json": {"KSampler", "EmptyLatentImage"},
+    "ella_clip_lora_sd15.json": {"LoraLoader"},
+    "ella_controlnet_sd15.json": {"ControlNetLoader", "ControlNetApplyAdvanced", "LoadImage"},
+    "ella_img2img_sd15.json": {"VAEEncode", "LoadImage"},
+    "ella_regional_sd15.json": {"ConditioningSetArea", "ConditioningCombine"},
+    "ella_sampler_custom_ays_sd15.json": {"SamplerCustom", "AlignYourStepsScheduler"},
+}
+OURS = {"ELLALoader", "ELLATextEncoderLoader", "ELLAEncode", "ELLATimestepConditioning"}
+
+
+def test_example_set_is_complete():
+    names = {p.name for p in example_files()}
+    assert names == set(EXPECTED), f"example_workflows/ holds {sorted(names)}"
+    for path in example_files():
+        wf = json.loads(path.read_text())
+        types = {n["type"] for n in wf["nodes"]}
+        assert OURS <= types, f"{path.name} lacks {OURS - types}"
+        assert EXPECTED[path.name] <= types, f"{path.name} lacks {EXPECTED[path.name] - types}"
+        values = [v for n in wf["nodes"] for v in n.get("widgets_values", [])]
+        assert "ella-sd1.5-tsc-t5xl.safetensors" in values and "flan-t5-xl" in values, path.name
+
+
+def test_committed_files_match_generator(object_info):
+    generated = builder.build_all(object_info)
+    for name, wf in generated.items():
+        committed = (WORKFLOW_DIR / name).read_text(encoding="utf-8")
+        assert committed == builder.dumps(wf), (
+            f"example_workflows/{name} is out of date with the nodes' /object_info: run "
+            f"python scripts/build_example_workflows.py --server <url>")
+
+
+@pytest.mark.parametrize("path", example_files(), ids=lambda p: p.stem)
+def test_example_runs_and_saves_png(example_server, object_info, path):
+    server, names = example_server
+    workflow = json.loads(path.read_text())
+    prompt = substitute_tiny(workflow_to_prompt(workflow, object_info), names)
+    save_nodes = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    assert save_nodes, f"{path.name} has no SaveImage"
+    result = server.run(prompt, timeout=240)
+    for node_id in save_nodes:
+        images = result.outputs(node_id).get("images", [])
+        assert len(images) == 1, f"{path.name}: SaveImage {node_id} produced {images}"
+        img = images[0]
+        file = server.base_dir / "output" / img["subfolder"] / img["filename"]
+        assert file.is_file(), f"{file} reported in /history but missing"
+        data = file.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{file} is not a PNG"
+        Image.open(io.BytesIO(data)).verify()
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert pixels.shape == (TEST_SIZE, TEST_SIZE, 3), pixels.shape
+        assert pixels.std() > 0, f"{path.name}: the image is a single flat colour (NaN or dead model?)"
+        assert server.view(img) == data  # the server serves the same file it wrote
+
+
+def test_converter_skips_frontend_control_values(object_info):
+    wf = json.loads((WORKFLOW_DIR / "ella_sampler_custom_ays_sd15.json").read_text())
+    node = next(n for n in wf["nodes"] if n["type"] == "SamplerCustom")
+    named = widget_values_by_name(node, object_info["SamplerCustom"])
+    assert named == {"add_noise": True, "noise_seed": 1234, "cfg": 7.5}, named  # "fixed" dropped
+    loader = {"id": 9, "type": "LoadImage", "widgets_values": ["example.png", "image"], "inputs": []}
+    assert widget_values_by_name(loader, object_info["LoadImage"]) == {"image": "example.png"}
+
+
+def test_converter_errors_name_the_node(object_info):
+    wf = json.loads((WORKFLOW_DIR / "ella_txt2img_sd15.json").read_text())
+    broken = copy.deepcopy(wf)
+    broken["nodes"][0]["type"] = "NoSuchNode"
+    with pytest.raises(WorkflowError, match=r"node 1 has type 'NoSuchNode'"):
+        workflow_to_prompt(broken, object_info)
+    nested = copy.deepcopy(wf)
+    nested["definitions"] = {"subgraphs": [{"id": "6c1d0a52-0000-4000-8000-000000000001", "nodes": []}]}
+    nested["nodes"][0]["type"] = "6c1d0a52-0000-4000-8000-000000000001"
+    with pytest.raises(WorkflowError, match=r"node 1 is a subgraph"):
+        workflow_to_prompt(nested, object_info)
+    dangling = copy.deepcopy(wf)
+    dangling["links"] = dangling["links"][1:]
+    with pytest.raises(WorkflowError, match=r"link \d+ is referenced"):
+        workflow_to_prompt(dangling, object_info)
+
+
+def test_converter_bypass_and_mute(object_info):
+    """A bypassed LoraLoader passes model and clip through; a muted SaveImage is dropped."""
+    wf = json.loads((WORKFLOW_DIR / "ella_clip_lora_sd15.json").read_text())
+    lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoader")
+    ckpt = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    lora["mode"] = 4
+    prompt = workflow_to_prompt(wf, object_info)
+    assert str(lora["id"]) not in prompt
+    hook = next(v for v in prompt.values() if v["class_type"] == "ELLATimestepConditioning")
+    assert hook["inputs"]["model"] == [str(ckpt["id"]), 0]
+    enc = next(v for v in prompt.values() if v["class_type"] == "ELLAEncode")
+    assert enc["inputs"]["clip"] == [str(ckpt["id"]), 1]
+    next(n for n in wf["nodes"] if n["type"] == "SaveImage")["mode"] = 2
+    assert not any(v["class_type"] == "SaveImage" for v in workflow_to_prompt(wf, object_info).values())

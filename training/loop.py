@@ -1,0 +1,414 @@
+"""The training run, top to bottom: set-up, data, models, the loop, checkpoints and the final connector.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` samples on each of `world` processes.
+For every sample: latents z0 and LLM features f (from the cache or computed now), a timestep t uniform in
+[0, T), noise e, all seeded per sample visit. The connector gives the UNet's context c = ELLA(f, t)
+(SDXL: also the pooled embedding), and the loss is the MSE between the UNet's prediction on the noised
+latents and the target (e, or v for v-prediction bases), optionally min-SNR weighted. Only the connector
+receives gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from ella_core import ELLA
+
+from . import cache as feature_cache
+from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .config import Config, OptimConfig, save_config
+from .data import (BatchPlan, DataPosition, OnlineDataset, SkipCounter, collate, image_size, indexable_records,
+                   make_buckets, nearest_bucket)
+from .distributed import Dist, setup
+from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm
+from .sampling import sample, sdxl_time_ids
+
+log = logging.getLogger("training")
+NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
+MIXED = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- small pieces
+def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    total = max(1, (config.schedule_steps or max_steps) - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / total)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def snr_weights(base: Base, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample (Hang et al. 2023): min(SNR, gamma)/SNR, or /(SNR+1) for v."""
+    alphas = base.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1.0 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if base.prediction_type == "v_prediction" else clipped / snr
+
+
+def draw_noise(seeds: list[int], shape: tuple[int, ...], num_timesteps: int, noise_offset: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample timesteps (B,) and noise (B, C, h, w) from each sample visit's own seed."""
+    ts, noises = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed ^ NOISE_STREAM)
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        noise = torch.randn(shape, generator=g)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(shape[0], 1, 1, generator=g)
+        noises.append(noise)
+    return torch.cat(ts), torch.stack(noises)
+
+
+class StopSignal:
+    """SIGTERM (and SIGINT) ask for a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+# ---------------------------------------------------------------- data
+class Data:
+    """The dataset of a run plus what the loop needs besides: the empty prompt, the LLM if resident."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, buckets: list[tuple[int, int]], empty: torch.Tensor,
+                 llm: Any, skipped: SkipCounter, cache: Optional[feature_cache.FeatureCache]) -> None:
+        self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
+            dataset, buckets, empty, llm, skipped, cache)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.empty.shape[-1])
+
+
+def prepare_data(config: Config, base: Base, dist: Dist) -> Data:
+    d = config.data
+    skipped = SkipCounter()
+    if config.cache.enabled:
+        folder = feature_cache.cache_dir(config, base.unet.dtype)
+        if not feature_cache.FeatureCache.is_complete(folder):
+            log.info("building the feature cache in %s", folder)
+            llm_holder: dict[str, Any] = {}
+
+            def get_llm() -> Any:
+                llm_holder.setdefault("llm", load_llm(config.llm, dist.device))
+                return llm_holder["llm"]
+
+            feature_cache.build_cache(config, folder, base, get_llm, dist)
+            llm_holder.clear()  # the LLM leaves memory before training starts
+        else:
+            log.info("reusing the feature cache in %s", folder)
+        cache = feature_cache.FeatureCache(folder)
+        skipped.merge(cache.skipped)
+        dataset = feature_cache.CachedDataset(cache, d)
+        return Data(dataset, cache.buckets, cache.empty_features(), None, skipped, cache)
+    records = indexable_records(d, skipped)
+    bucket_set = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
+    kept, buckets = [], []
+    for record in records:
+        try:
+            buckets.append(nearest_bucket(image_size(record), bucket_set))
+            kept.append(record)
+        except Exception as e:
+            skipped.add(f"unreadable image ({type(e).__name__}: {e})", record.key)
+    if not kept:
+        raise RuntimeError(f"no usable samples in {d.path} ({skipped.total} skipped: {dict(skipped.counts)})")
+    llm = load_llm(config.llm, dist.device)
+    empty = encode_texts(llm, [""], config.llm)[0].float().cpu()
+    return Data(OnlineDataset(kept, buckets, d), buckets, empty, llm, skipped, None)
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
+
+    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
+        for items in self.plan:
+            pos = (self.plan.position.epoch, self.plan.position.batch)
+            yield [(i, s) + pos for i, s in items]
+
+
+class _WithPosition(torch.utils.data.Dataset):
+    """Adds the data position after this batch to each item, so a checkpoint knows where to continue even
+    when loader workers have prefetched further."""
+
+    def __init__(self, inner: torch.utils.data.Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
+        index, seed, epoch, batch = item
+        return {**self.inner[(index, seed)], "position": (epoch, batch)}
+
+
+def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
+    position = items[0]["position"]
+    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
+    batch["position"] = position
+    return batch
+
+
+# ---------------------------------------------------------------- one micro-step
+def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: torch.nn.Module, config: Config,
+                    device: torch.device, autocast: Any) -> tuple[torch.Tensor, int]:
+    """Loss of one micro-batch (mean over its samples) and the number of samples it had."""
+    if "seed" not in batch:  # every sample of this micro-batch failed to load: keep collectives in step
+        features = data.empty[None].to(device)
+        with autocast:
+            context, pooled = step_module(features, torch.zeros(1, device=device))
+        zero = context.float().sum() * 0.0 + (pooled.float().sum() * 0.0 if pooled is not None else 0.0)
+        return zero, 0
+    with torch.no_grad():
+        if "latents" in batch:
+            latents = batch["latents"].to(device)  # (B, C, h, w), already scaled
+            features = batch["features"].to(device)  # (B, L, D)
+        else:
+            latents = base.encode_pixels(batch["pixels"].to(device)).float()
+            features = encode_texts(data.llm, batch["text"], config.llm).float().to(device)
+    b = latents.shape[0]
+    timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
+                                  config.train.noise_offset)
+    timesteps, noise = timesteps.to(device), noise.to(device)
+    noisy = base.scheduler.add_noise(latents, noise, timesteps)
+    target = noise if base.prediction_type == "epsilon" else base.scheduler.get_velocity(latents, noise, timesteps)
+    added = None
+    with autocast:
+        context, pooled = step_module(features, timesteps.float())  # (B, N, W), (B, P) or None
+        if base.kind == "sdxl":
+            target_size = (latents.shape[2] * base.latent_scale, latents.shape[3] * base.latent_scale)
+            time_ids = torch.tensor([sdxl_time_ids(o, c, target_size) for o, c in
+                                     zip(batch["original_size"], batch["crop_top_left"])], device=device)
+            added = {"text_embeds": pooled.to(base.unet.dtype), "time_ids": time_ids.to(base.unet.dtype)}
+        pred = base.unet(noisy.to(base.unet.dtype), timesteps, encoder_hidden_states=context.to(base.unet.dtype),
+                         added_cond_kwargs=added).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if config.train.min_snr_gamma:
+        per_sample = per_sample * snr_weights(base, timesteps, config.train.min_snr_gamma)
+    return per_sample.mean(), b
+
+
+# ---------------------------------------------------------------- the run
+def connector_metadata(config: Config, base: Base, step: int) -> dict[str, Any]:
+    return {"base_model": base.kind, "llm": config.llm.source, "llm_dtype": config.llm.dtype,
+            "llm_hidden_layer": config.llm.hidden_layer, "token_length": config.llm.max_length,
+            "token_mode": config.llm.token_mode,
+            "extra": {"trainer": "comfyui-ella training", "trained_steps": str(step),
+                      "base_model_source": config.model.pretrained, "prediction_type": base.prediction_type}}
+
+
+def _setup_logging(dist: Dist, out: Path) -> None:
+    level = logging.INFO if dist.is_main else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if dist.is_main:
+        handlers.append(logging.FileHandler(out / "train.log"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+def run(config: Config) -> Path:
+    """Trains the connector; returns the path of the final connector file."""
+    dist = setup(config.train.device, config.train.backend)
+    out = Path(config.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _setup_logging(dist, out)
+    random.seed(config.seed + dist.rank)
+    np.random.seed(config.seed + dist.rank)
+    torch.manual_seed(config.seed + dist.rank)
+    stop = StopSignal()
+    t = config.train
+    if dist.is_main:
+        save_config(config, out / "config.yaml")
+    log.info("%d process(es), device %s, global batch %d", dist.world, dist.device,
+             t.batch_size * t.grad_accum * dist.world)
+
+    # models: the frozen base, the data (with the LLM only if there is no cache), the connector
+    weight_dtype = MIXED[t.mixed_precision]
+    base = load_base(config.model, dist.device, weight_dtype)
+    if t.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    data = prepare_data(config, base, dist)
+    if data.skipped.total:
+        log.warning("skipped %d unusable samples: %s (e.g. %s)", data.skipped.total, dict(data.skipped.counts),
+                    data.skipped.examples[:3])
+    torch.manual_seed(config.seed)  # same initial connector however many processes and whatever ran before
+    ella: ELLA = build_connector(config.connector, data.hidden_size, base).to(dist.device)
+    step_module: torch.nn.Module = ConnectorStep(ella)
+    if t.compile:
+        step_module = torch.compile(step_module)
+    if dist.enabled:
+        step_module = DistributedDataParallel(step_module, device_ids=[dist.device] if dist.device.type == "cuda"
+                                              else None)
+    o = config.optim
+    optimizer = torch.optim.AdamW(ella.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    ema = EMA(ella, t.ema_decay) if t.ema_decay else None
+    use_autocast = t.mixed_precision != "no"
+    autocast = (torch.autocast(dist.device.type, dtype=weight_dtype) if use_autocast else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=t.mixed_precision == "fp16")
+    log.info("connector: %s, %.1f M trainable parameters", ella.config,
+             sum(p.numel() for p in ella.parameters()) / 1e6)
+
+    # resume
+    step, position, samples_seen = 0, DataPosition(), 0
+    ckpt_root = out / "checkpoints"
+    resume = resolve_resume(t.resume, ckpt_root) if t.resume else None
+    if t.resume and resume is None:
+        log.info("train.resume=%s: no checkpoint yet in %s, starting fresh", t.resume, ckpt_root)
+    if resume is not None:
+        state = load_checkpoint(resume, ella, optimizer, dist)
+        step, samples_seen = state["step"], state["samples_seen"]
+        position = DataPosition(**state["position"])
+        if ema is not None and "ema" in state:
+            ema.shadow = {k: v.float().to(dist.device) for k, v in state["ema"].items()}
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        log.info("resumed from %s at step %d", resume, step)
+
+    plan = BatchPlan(data.buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
+    loader = torch.utils.data.DataLoader(_WithPosition(data.dataset), batch_sampler=_PlanSampler(plan),
+                                         collate_fn=_collate_with_position, num_workers=config.data.num_workers)
+    batches = iter(loader)
+    writer = metrics_file = None
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        metrics_file = open(out / "metrics.jsonl", "a")
+
+    def save(at_step: int) -> None:
+        state = {"step": at_step, "samples_seen": samples_seen, "position": position.to_dict(),
+                 "skipped": data.skipped.to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "world": dist.world, "config": config.to_dict()}
+        save_checkpoint(ckpt_root, at_step, ella, connector_metadata(config, base, at_step), optimizer,
+                        ema.shadow if ema else None, state, dist, t.keep_checkpoints)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=t.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step",
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    started, started_step = time.time(), step
+    while step < t.max_steps:
+        # one optimizer step over grad_accum micro-batches
+        for group in optimizer.param_groups:
+            group["lr"] = o.lr * lr_factor(step, o, t.max_steps)
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for micro in range(t.grad_accum):
+            batch = next(batches)
+            for key, reason in batch["skipped"]:
+                data.skipped.add(reason, key)
+            last = micro == t.grad_accum - 1
+            sync = step_module.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+            with sync:
+                loss, n = micro_step_loss(batch, base, data, step_module, config, dist.device, autocast)
+                scaler.scale(loss / t.grad_accum).backward()
+            samples_seen += n * dist.world
+            losses.append(loss.detach())
+            position = DataPosition(*batch["position"])
+        if o.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(ella.parameters(), o.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        if ema is not None:
+            ema.update(ella, step)
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            loss_value = dist.mean(torch.stack(losses).mean()).item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optim.lr or use bf16/fp32")
+            if dist.is_main:
+                rate = (step - started_step) / max(time.time() - started, 1e-9)
+                record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                          "samples_seen": samples_seen, "skipped": data.skipped.total, "steps_per_s": rate}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/lr", record["lr"], step)
+                writer.add_scalar("data/skipped", data.skipped.total, step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+        v = config.validation
+        if v.every and v.prompts and step % v.every == 0:
+            validate(config, base, ella, ema, data, dist, out, writer, step)
+        stopping = dist.any(stop.requested)
+        if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
+            save(step)
+        if stopping:
+            log.info("stop requested (SIGTERM/SIGINT): saved step %d, exiting", step)
+            break
+    bar.close()
+
+    final = out / "ella.safetensors"
+    if dist.is_main and step >= t.max_steps:
+        from ella_core import save_ella
+
+        meta = connector_metadata(config, base, step)
+        save_ella(ella, final, meta)
+        if ema is not None:
+            ema_model = ELLA(ella.config)
+            ema.copy_to(ema_model)
+            save_ella(ema_model, out / "ella_ema.safetensors", meta)
+        log.info("wrote %s (%d samples skipped in total)", final, data.skipped.total)
+        writer.close()
+        metrics_file.close()
+    dist.barrier()
+    dist.close()
+    return final
+
+
+def validate(config: Config, base: Base, ella: ELLA, ema: Optional[EMA], data: Data, dist: Dist, out: Path,
+             writer: Any, step: int) -> None:
+    """Rank 0 samples the validation prompts (with the EMA weights when enabled) and saves PNGs."""
+    if not dist.is_main:
+        return
+    v = config.validation
+    prompts = data.cache.prompt_features(v.prompts) if data.cache is not None else None
+    if prompts is None:
+        llm = data.llm or load_llm(config.llm, dist.device)
+        prompts = encode_texts(llm, v.prompts, config.llm).float().cpu()
+    model = ella
+    if ema is not None:
+        model = ELLA(ella.config).to(dist.device)
+        ema.copy_to(model)
+    was_training = model.training
+    model.eval()
+    images = sample(base, model, prompts, data.empty, steps=v.steps, guidance_scale=v.guidance_scale,
+                    height=v.height or config.data.resolution, width=v.width or config.data.resolution, seed=v.seed)
+    model.train(was_training)
+    folder = out / "samples" / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(array).save(folder / f"{i:02d}.png")
+    writer.add_images("validation", images, step)
+    log.info("validation images in %s", folder)

@@ -1,0 +1,196 @@
+"""The models of a run: the frozen base (UNet, VAE, noise schedule), the frozen LLM, the trainable connector.
+
+Bases load with diffusers from a diffusers folder, a hub id, or a single-file checkpoint as ComfyUI users
+keep them (`from_single_file`, which needs the base's diffusers config: online, or `model.single_file_config`).
+Only the connector has gradients; everything else is frozen, in eval mode, in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ella_core import ELLA, ELLAConfig, load_ella
+
+from .config import ConnectorConfig, LLMConfig, ModelConfig
+
+log = logging.getLogger("training")
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Base:
+    """The frozen diffusion model and what the loop needs to know about it."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    scheduler: Any  # diffusers DDPMScheduler (training noise schedule)
+    kind: str  # "sd15" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def pooled_dim(self) -> Optional[int]:
+        """SDXL: width of the pooled text embedding inside `add_embedding` (total minus 6 size/crop embeddings)."""
+        if self.kind != "sdxl":
+            return None
+        cfg = self.unet.config
+        return int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f): the distribution's mean (deterministic,
+        so cached and online latents agree)."""
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return self.scale_latents(latents)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        return (self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _detect_kind(unet: Any, requested: str) -> str:
+    is_xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    kind = "sdxl" if is_xl else "sd15"
+    if requested != "auto" and requested != kind:
+        raise ValueError(f"model.base={requested} but the UNet is an {kind} UNet "
+                         f"(addition_embed_type={getattr(unet.config, 'addition_embed_type', None)!r}); "
+                         "fix model.base or model.pretrained")
+    return kind
+
+
+def load_base(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Base:
+    """UNet, VAE and noise schedule from a diffusers folder, a hub id or a single-file checkpoint."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    source = config.pretrained
+    single = Path(source).is_file() and Path(source).suffix in SINGLE_FILE_SUFFIXES
+    if single:
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        if config.single_file_config:
+            kwargs["config"] = config.single_file_config
+        try:
+            unet = UNet2DConditionModel.from_single_file(source, **kwargs)
+            vae = AutoencoderKL.from_single_file(source, **kwargs)
+        except Exception as e:
+            raise RuntimeError(
+                f"could not load the single-file checkpoint {source}: {e}. diffusers needs the base's config: "
+                "be online once, or set model.single_file_config to a diffusers folder/hub id of the same base "
+                "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)") from e
+        if config.single_file_config:
+            scheduler = DDPMScheduler.from_pretrained(config.single_file_config, subfolder="scheduler")
+        else:  # the schedule every SD1.x/SDXL checkpoint was trained with
+            scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      num_train_timesteps=1000, clip_sample=False)
+    else:
+        kwargs = {"revision": config.revision, "variant": config.variant}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if Path(source).exists() and not (Path(source) / "unet").is_dir():
+            raise FileNotFoundError(f"model.pretrained {source} is not a diffusers folder (no unet/ subfolder) "
+                                    "nor a single-file checkpoint (.safetensors/.ckpt)")
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    kind = _detect_kind(unet, config.base)
+    prediction = config.prediction_type or scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction type {prediction!r} is not supported; use epsilon or v_prediction")
+    scheduler.register_to_config(prediction_type=prediction)
+    for module in (unet, vae):
+        module.requires_grad_(False).eval().to(device)  # already in `dtype` (torch_dtype above)
+    return Base(unet, vae, scheduler, kind, prediction)
+
+
+def load_llm(config: LLMConfig, device: torch.device) -> Any:
+    """The frozen text encoder through ella_core (T5 folders, decoder LLMs, GGUF, single files)."""
+    from ella_core import load_text_encoder
+
+    encoder = load_text_encoder(config.source, tokenizer=config.tokenizer, dtype=parse_dtype(config.dtype),
+                                device=config.device or device, hidden_layer=config.hidden_layer)
+    encoder.model.requires_grad_(False).eval()
+    return encoder
+
+
+def encode_texts(encoder: Any, texts: list[str], config: LLMConfig) -> torch.Tensor:
+    """Prompts -> features (B, L, D) exactly as the nodes encode them (same encoder, mode and length)."""
+    with torch.no_grad():
+        return encoder.encode(list(texts), mode=config.token_mode, max_length=config.max_length).features
+
+
+def build_connector(config: ConnectorConfig, input_dim: int, base: Base) -> ELLA:
+    """A new connector for this base and LLM, or `init_from` an existing one (checked to fit both)."""
+    if config.init_from:
+        ella = load_ella(config.init_from, dtype=torch.float32)
+        c = ella.config
+        problems = []
+        if c.input_dim != input_dim:
+            problems.append(f"its LLM width is {c.input_dim}, the configured LLM gives {input_dim}")
+        if c.width != base.context_dim:
+            problems.append(f"its output width is {c.width}, the UNet's context is {base.context_dim}")
+        if c.pooled_dim != base.pooled_dim:
+            problems.append(f"its pooled head is {c.pooled_dim}, the base needs {base.pooled_dim}")
+        if problems:
+            raise ValueError(f"connector.init_from {config.init_from} does not fit: " + "; ".join(problems))
+        log.info("connector initialised from %s", config.init_from)
+    else:
+        ella = ELLA(ELLAConfig(input_dim=input_dim, width=base.context_dim, layers=config.layers, heads=config.heads,
+                               num_latents=config.num_latents, time_channel=config.time_channel,
+                               time_embed_dim=config.time_embed_dim, pooled_dim=base.pooled_dim))
+    return ella.float().train().requires_grad_(True)
+
+
+class ConnectorStep(nn.Module):
+    """The trainable part of one step as a single module, so DDP sees every parameter in one forward."""
+
+    def __init__(self, ella: ELLA) -> None:
+        super().__init__()
+        self.ella = ella
+
+    def forward(self, features: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """features (B, L, D_llm), timesteps (B,) -> context (B, N, D_ctx), pooled (B, D_pool) or None."""
+        context = self.ella(features, timesteps)
+        pooled = self.ella.pooled(context) if self.ella.config.pooled_dim else None
+        return context, pooled
+
+
+class EMA:
+    """Exponential moving average of the connector's weights in float32 (with the usual warm-up of the decay)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for key, value in module.state_dict().items():
+            self.shadow[key].lerp_(value.detach().float(), 1.0 - decay)
+
+    def copy_to(self, module: nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})

@@ -1,0 +1,46 @@
+"""Validation images: a plain DDIM loop in which the connector is called at every step's timestep, as in
+the reference pipeline (the unconditional half uses the empty-prompt features)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ella_core import ELLA
+
+from .models import Base
+
+
+def sdxl_time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    return [float(original[0]), float(original[1]), float(crop[0]), float(crop[1]), float(target[0]), float(target[1])]
+
+
+@torch.no_grad()
+def sample(base: Base, ella: ELLA, prompts: torch.Tensor, empty: torch.Tensor, *, steps: int, guidance_scale: float,
+           height: int, width: int, seed: int) -> torch.Tensor:
+    """prompts (P, L, D), empty (L, D) features -> images (P, 3, height, width) in [0, 1]."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    scheduler.set_timesteps(steps)
+    device, dtype = base.unet.device, base.unet.dtype
+    p = prompts.shape[0]
+    f = base.latent_scale
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(p, base.unet.config.in_channels, height // f, width // f, generator=generator)
+    latents = (latents * scheduler.init_noise_sigma).to(device)
+    features = torch.cat([empty[None].expand(p, -1, -1).to(prompts), prompts]).to(device)  # (2P, L, D)
+    added: Optional[dict[str, torch.Tensor]] = None
+    time_ids = torch.tensor([sdxl_time_ids((height, width), (0, 0), (height, width))] * 2 * p, device=device)
+    for t in scheduler.timesteps:
+        context = ella(features, t.float().to(device))  # (2P, N, W), the connector at this step's t
+        if base.kind == "sdxl":
+            added = {"text_embeds": ella.pooled(context).to(dtype), "time_ids": time_ids.to(dtype)}
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        out = base.unet(model_in.to(dtype), t.to(device), encoder_hidden_states=context.to(dtype),
+                        added_cond_kwargs=added).sample.float()
+        uncond, cond = out.chunk(2)
+        latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+    return base.decode(latents).cpu()

@@ -1,0 +1,40 @@
+"""Train an ELLA connector.
+
+    python training/train.py --config training/configs/sd15_1gpu.yaml data.path=/data/my_set train.max_steps=5000
+    torchrun --nproc_per_node 8 training/train.py --config training/configs/sd15_8gpu.yaml
+    python training/train.py --config ... --resume latest
+
+Overrides are `section.key=value` (values parsed as YAML). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `training` and `ella_core` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.config import ConfigError, load_config  # noqa: E402
+from training.loop import run  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train an ELLA connector (only the connector learns).")
+    parser.add_argument("--config", help="YAML config file (training/configs/*.yaml)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
