@@ -13,7 +13,10 @@ if importlib.util.find_spec("comfy_api") is not None:
 
     from .nodes import NODES, register_folders
 
+    from .nodes.routes import register_routes
+
     register_folders()
+    register_routes()
 
     class ELLAExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

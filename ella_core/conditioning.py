@@ -9,6 +9,7 @@ ComfyUI-free: the node pack's sampler hook (nodes/hook.py) does the ComfyUI plum
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,7 +27,7 @@ def check_llm_width(llm_width: int, connector: ELLA, llm_name: str = "the text e
     """The LLM's hidden size must equal the connector's input_dim."""
     if llm_width != connector.config.input_dim:
         raise ELLAShapeError(
-            f"ELLA: {llm_name} produces features of width {llm_width}, but {connector_name} expects "
+            f"{llm_name} produces features of width {llm_width}, but {connector_name} expects "
             f"input_dim {connector.config.input_dim}. Use the LLM the connector was trained on.")
 
 
@@ -35,7 +36,7 @@ def check_context_width(connector: ELLA, model_context_dim: Optional[int], conne
     """The connector's output width must equal the UNet's cross-attention width (SD1.5 768, SDXL 2048)."""
     if model_context_dim is not None and connector.config.width != model_context_dim:
         raise ELLAShapeError(
-            f"ELLA: {connector_name} outputs context width {connector.config.width}, but {model_name} expects "
+            f"{connector_name} outputs context width {connector.config.width}, but {model_name} expects "
             f"cross-attention width {model_context_dim} (SD1.5 768, SDXL 2048). Use a connector made for this "
             "base model.")
 
@@ -89,10 +90,15 @@ class CacheStats:
 
 @dataclass
 class ContextCache:
-    """Per-sampling-run cache: projection once per prompt, connector output once per (prompt, timestep)."""
+    """Per-sampling-run cache: projection once per prompt, connector output once per (prompt, timestep).
 
+    Contexts are kept in an LRU of `max_contexts` entries: samplers revisit a timestep only at neighbouring
+    evaluations (heun/dpm_2 corrector, cond and uncond), so a long schedule need not keep every step's output.
+    """
+
+    max_contexts: int = 64
     projected: dict = field(default_factory=dict)
-    contexts: dict = field(default_factory=dict)
+    contexts: OrderedDict = field(default_factory=OrderedDict)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def _projected(self, prompt: EllaPrompt, ella: ELLA) -> torch.Tensor:
@@ -118,6 +124,10 @@ class ContextCache:
                     projected = repeat_to_batch(projected, t.numel())
                 self.contexts[key] = ella.forward_projected(projected, t.to(ella.device))
             self.stats.connector_calls += 1
+            while len(self.contexts) > self.max_contexts:
+                self.contexts.popitem(last=False)
+        else:
+            self.contexts.move_to_end(key)
         return self.contexts[key]
 
     @staticmethod

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Write the example workflows (example_workflows/*.json, the frontend's UI format) from compact graph specs.
+"""Write the example workflows (workflows/*.json, the frontend's UI format) from compact graph specs.
 
 Widget order, defaults, socket names and types come from a live server's `/object_info`, so the files always match
 the installed nodes; tests/workflows regenerates them and fails when the committed files differ.
 
-    python scripts/build_example_workflows.py --server http://127.0.0.1:8188       # rewrite example_workflows/
+    python scripts/build_example_workflows.py --server http://127.0.0.1:8188       # rewrite workflows/
     python scripts/build_example_workflows.py --object-info info.json --check      # exit 1 if out of date
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workflow_to_prompt import fetch_object_info, widget_inputs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_DIR = os.path.join(ROOT, "example_workflows")
+OUT_DIR = os.path.join(ROOT, "workflows")
 FRONTEND_VERSION = "1.32.9"
 
 # Realistic default file names; docs/workflows.md says where each comes from.

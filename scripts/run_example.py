@@ -188,7 +188,7 @@ def queue_and_wait(url: str, prompt: dict, timeout: float) -> dict:
 # ---- main -----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workflow", default=str(ROOT / "example_workflows" / "ella_txt2img_sd15.json"))
+    ap.add_argument("--workflow", default=str(ROOT / "workflows" / "ella_txt2img_sd15.json"))
     ap.add_argument("--user-comfyui", help="the user's own ComfyUI: link the pack into its custom_nodes")
     ap.add_argument("--base-directory", help="private ComfyUI base directory (default: $ELLA_ENV/demo)")
     ap.add_argument("--ckpt", default=REAL_CKPT, help="SD1.5 checkpoint in models/checkpoints")

@@ -98,6 +98,7 @@ class Data:
                  llm: Any, skipped: SkipCounter, cache: Optional[feature_cache.FeatureCache]) -> None:
         self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
             dataset, buckets, empty, llm, skipped, cache)
+        self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
 
     @property
     def hidden_size(self) -> int:
@@ -284,6 +285,8 @@ def run(config: Config) -> Path:
         state = load_checkpoint(resume, ella, optimizer, dist)
         step, samples_seen = state["step"], state["samples_seen"]
         position = DataPosition(**state["position"])
+        data.skipped = SkipCounter()  # the saved counts already include the cache's and earlier steps'
+        data.skipped.merge(state["skipped"])
         if ema is not None and "ema" in state:
             ema.shadow = {k: v.float().to(dist.device) for k, v in state["ema"].items()}
         if state.get("scaler"):
@@ -367,21 +370,26 @@ def run(config: Config) -> Path:
     bar.close()
 
     final = out / "ella.safetensors"
-    if dist.is_main and step >= t.max_steps:
-        from ella_core import save_ella
-
-        meta = connector_metadata(config, base, step)
-        save_ella(ella, final, meta)
-        if ema is not None:
-            ema_model = ELLA(ella.config)
-            ema.copy_to(ema_model)
-            save_ella(ema_model, out / "ella_ema.safetensors", meta)
-        log.info("wrote %s (%d samples skipped in total)", final, data.skipped.total)
+    if dist.is_main:
+        if step >= t.max_steps:
+            save_final(ella, ema, connector_metadata(config, base, step), out)
+            log.info("wrote %s (%d samples skipped in total)", final, data.skipped.total)
         writer.close()
         metrics_file.close()
     dist.barrier()
     dist.close()
     return final
+
+
+def save_final(ella: ELLA, ema: Optional[EMA], metadata: dict[str, Any], out: Path) -> None:
+    """The deliverable: ella.safetensors (and ella_ema.safetensors), loadable by ella_core and the nodes."""
+    from ella_core import save_ella
+
+    save_ella(ella, out / "ella.safetensors", metadata)
+    if ema is not None:
+        ema_model = ELLA(ella.config)
+        ema.copy_to(ema_model)
+        save_ella(ema_model, out / "ella_ema.safetensors", metadata)
 
 
 def validate(config: Config, base: Base, ella: ELLA, ema: Optional[EMA], data: Data, dist: Dist, out: Path,
@@ -392,8 +400,10 @@ def validate(config: Config, base: Base, ella: ELLA, ema: Optional[EMA], data: D
     v = config.validation
     prompts = data.cache.prompt_features(v.prompts) if data.cache is not None else None
     if prompts is None:
-        llm = data.llm or load_llm(config.llm, dist.device)
-        prompts = encode_texts(llm, v.prompts, config.llm).float().cpu()
+        if data.validation_prompts is None:  # not cached (prompts changed since the cache was built)
+            llm = data.llm or load_llm(config.llm, dist.device)
+            data.validation_prompts = encode_texts(llm, v.prompts, config.llm).float().cpu()
+        prompts = data.validation_prompts
     model = ella
     if ema is not None:
         model = ELLA(ella.config).to(dist.device)

@@ -110,7 +110,7 @@ def test_tokenize_route(server):
 
 
 def test_template_browser_lists_examples(server):
-    """ComfyUI serves example_workflows/ to the template browser, each example once."""
+    """ComfyUI serves workflows/ to the template browser, each example once."""
     pack = next((server.base_dir / "custom_nodes").iterdir()).name
     listed = server.get_json("/workflow_templates")[pack]
     assert sorted(listed) == sorted(p.stem for p in example_files()), listed

@@ -151,7 +151,7 @@ def pretrain_text_reliant_unet(base: Path, t5: Path, out: Path, steps: int = 120
         pixels = torch.stack([fit_to_bucket(image, (32, 32)).pixels for _, image, _ in samples])
         latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor  # (96, 4, 8, 8)
         features = encoder.encode([c[0] for _, _, c in samples], max_length=16).features
-    torch.manual_seed(1)
+    torch.manual_seed(12345)  # unrelated to the seeds the tests give new connectors
     ella = ELLA(ELLAConfig(input_dim=features.shape[-1], width=32, layers=2, heads=4, num_latents=8,
                            time_channel=32, time_embed_dim=32))
     optimizer = torch.optim.AdamW(list(unet.parameters()) + list(ella.parameters()), lr=2e-3)

@@ -161,8 +161,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd15, tiny_t5, datase
 
 
 def test_two_gloo_processes_match_one_process(tiny_sd15, tiny_t5, datasets, tmp_path):
-    # lr 1e-4 (the paper's): Adam turns float rounding of near-zero gradients into steps of up to lr, so
-    # the tolerance scales with it (at lr 1e-3 the runs differ by about 6e-6)
+    # lr 1e-4, the paper's. Attention key biases have an exactly zero gradient (softmax ignores a constant
+    # shift), so theirs is pure rounding noise that Adam normalises into steps of up to lr: checked apart.
     common = _common(tiny_sd15, tiny_t5, datasets["folder"], None)[:3] + [
         "train.max_steps=3", "data.caption_dropout=0.2", "optim.lr=1e-4"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -172,8 +172,15 @@ def test_two_gloo_processes_match_one_process(tiny_sd15, tiny_t5, datasets, tmp_
     run_trainer(*common, f"output_dir={two}", "train.batch_size=2", "train.backend=gloo", launcher=torchrun,
                 timeout=400)
     a, b = _tensors(one / "ella.safetensors"), _tensors(two / "ella.safetensors")
+    width = a["connector.latents"].shape[1]
+    key_bias = {k: (a[k][width:2 * width] - b[k][width:2 * width]).abs().max().item() for k in a
+                if k.endswith("in_proj_bias")}
+    for k in key_bias:
+        a[k], b[k] = a[k].clone(), b[k].clone()
+        a[k][width:2 * width] = b[k][width:2 * width] = 0
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-6, worst
+    assert max(key_bias.values()) < 1e-5, key_bias
     la, lb = [m["loss"] for m in read_metrics(one)], [m["loss"] for m in read_metrics(two)]
     assert la == pytest.approx(lb, rel=1e-5)
     rng = torch.load(two / "checkpoints" / "step-00000003" / "rng.pt", weights_only=True)
@@ -242,15 +249,17 @@ def test_connector_learns_to_use_the_captions(text_reliant_sd15, tiny_t5, tmp_pa
     torch.manual_seed(0)
     untrained = ELLA(trained.config).eval()
 
-    def gap(connector):  # shuffled minus true, per sample, and its paired t statistic
-        d = heldout_losses(text_reliant_sd15, tiny_t5, connector, True) - heldout_losses(
-            text_reliant_sd15, tiny_t5, connector, False)
-        return d.mean().item(), (d.mean() / (d.std() / len(d) ** 0.5)).item()
+    def gap(connector):  # (shuffled - true) per sample: relative mean gap and paired t statistic
+        true = heldout_losses(text_reliant_sd15, tiny_t5, connector, False)
+        d = heldout_losses(text_reliant_sd15, tiny_t5, connector, True) - true
+        return (d.mean() / true.mean()).item(), (d.mean() / (d.std() / len(d) ** 0.5)).item()
 
     trained_gap, trained_t = gap(trained)
     untrained_gap, _ = gap(untrained)
-    assert trained_t > 3.0, (trained_gap, trained_t)  # true captions: clearly lower held-out loss
-    assert trained_gap > 3 * abs(untrained_gap), (trained_gap, untrained_gap)
+    # measured: trained ~18 % lower with the true captions (t ~ 9); untrained ~0 %; a connector that saw
+    # captions only 5 % of the time (caption_dropout 0.95) ~1.5 %
+    assert trained_t > 4.0 and trained_gap > 0.06, (trained_gap, trained_t)
+    assert abs(untrained_gap) < 0.02, untrained_gap
 
 
 def test_output_loads_in_the_comfyui_node(tiny_sd15, tiny_t5, datasets, tmp_path):

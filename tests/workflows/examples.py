@@ -1,4 +1,4 @@
-"""Helpers for running the example workflows on a real ComfyUI server with tiny models (tests/workflows, tests/frontend)."""
+"""Helpers to run the example workflows on a real ComfyUI server with tiny models (tests/workflows, tests/frontend)."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from tests.support.tiny_models import write_all  # noqa: E402
 from tests.workflows.extra_models import write_tiny_controlnet, write_tiny_lora  # noqa: E402
 
-WORKFLOW_DIR = ROOT / "example_workflows"
+WORKFLOW_DIR = ROOT / "workflows"
 TEST_SIZE = 128  # pixels; the examples use 512, the tiny UNet needs no more to show the graph runs
 
 

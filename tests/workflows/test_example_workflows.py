@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.workflows.examples import TEST_SIZE, WORKFLOW_DIR, example_files, substitute_tiny  # puts scripts/ on sys.path
+# (examples puts scripts/ on sys.path)
+from tests.workflows.examples import TEST_SIZE, WORKFLOW_DIR, example_files, substitute_tiny
 
 import build_example_workflows as builder  # noqa: E402  (scripts/)
 from workflow_to_prompt import WorkflowError, widget_values_by_name, workflow_to_prompt  # noqa: E402
@@ -32,7 +33,7 @@ OURS = {"ELLALoader", "ELLATextEncoderLoader", "ELLAEncode", "ELLATimestepCondit
 
 def test_example_set_is_complete():
     names = {p.name for p in example_files()}
-    assert names == set(EXPECTED), f"example_workflows/ holds {sorted(names)}"
+    assert names == set(EXPECTED), f"workflows/ holds {sorted(names)}"
     for path in example_files():
         wf = json.loads(path.read_text())
         types = {n["type"] for n in wf["nodes"]}
@@ -47,7 +48,7 @@ def test_committed_files_match_generator(object_info):
     for name, wf in generated.items():
         committed = (WORKFLOW_DIR / name).read_text(encoding="utf-8")
         assert committed == builder.dumps(wf), (
-            f"example_workflows/{name} is out of date with the nodes' /object_info: run "
+            f"workflows/{name} is out of date with the nodes' /object_info: run "
             f"python scripts/build_example_workflows.py --server <url>")
 
 

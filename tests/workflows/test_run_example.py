@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.support.tiny_models import write_tiny_ella, write_tiny_sd15_checkpoint, write_tiny_t5
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,6 +30,22 @@ def test_offline_demo_end_to_end(tmp_path):
     with Image.open(image) as img:
         assert img.format == "PNG" and img.size == (64, 64)
     assert (base / "custom_nodes" / "comfyui-ella").resolve() == ROOT
+
+
+def test_weights_under_the_real_names_are_used(tmp_path):
+    """Files under the names docs/workflows.md gives (tiny ones here) are found: no stand-ins, no banner."""
+    base = tmp_path / "base"
+    models = base / "models"
+    write_tiny_sd15_checkpoint(models, name="v1-5-pruned-emaonly-fp16.safetensors")
+    write_tiny_ella(models, name="ella-sd1.5-tsc-t5xl.safetensors")
+    write_tiny_t5(models, name="flan-t5-xl")
+    proc = subprocess.run(["bash", "scripts/run_example.sh", "--base-directory", str(base), "--size", "64",
+                           "--steps", "2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "OFFLINE" not in proc.stdout and "real weights:" in proc.stdout, proc.stdout[-2000:]
+    assert not (models / "ella" / "ella-offline-random-smollm2.safetensors").exists()
+    with Image.open(Path(proc.stdout.strip().splitlines()[-1])) as img:
+        assert img.format == "PNG" and img.size == (64, 64)
 
 
 def test_users_comfyui_without_weights_is_refused_cleanly(tmp_path):
