@@ -126,10 +126,17 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
     def encode_chunk() -> None:
         texts = [c for entry, _ in chunk for c in entry["captions"]]
         features = encode_texts(llm, texts, config.llm)  # (n, L, D) in the LLM dtype
+        latents: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
+        by_bucket: dict[tuple[int, ...], list[int]] = {}
+        for i, (entry, _) in enumerate(chunk):
+            by_bucket.setdefault(tuple(entry["bucket"]), []).append(i)
+        with torch.no_grad():
+            for members in by_bucket.values():  # one VAE batch per bucket
+                encoded = base.encode_pixels(torch.stack([chunk[i][1].pixels for i in members]))  # (b, C, h, w)
+                for i, latent in zip(members, encoded):
+                    latents[i] = latent.to(latent_dtype)
         offset = 0
-        for entry, sample in chunk:
-            with torch.no_grad():
-                latent = base.encode_pixels(sample.pixels[None])[0].to(latent_dtype)  # (C, h, w)
+        for (entry, _), latent in zip(chunk, latents):
             n = len(entry["captions"])
             writer.add(entry, latent, list(features[offset:offset + n]))
             offset += n

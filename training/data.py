@@ -12,6 +12,7 @@ several processes see exactly the samples and noise an uninterrupted single-proc
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -82,8 +83,12 @@ def _caption_lines(text: str) -> list[str]:
     return _clean_captions(text.splitlines())
 
 
+def _read_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 def _file_loader(path: Path) -> Callable[[], bytes]:
-    return lambda: path.read_bytes()
+    return functools.partial(_read_bytes, path)  # picklable, for DataLoader workers started by spawn
 
 
 def detect_format(path: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as tdist
@@ -48,6 +48,14 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return bool(t.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable, small), on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         if self.enabled and tdist.is_initialized():

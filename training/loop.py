@@ -99,6 +99,15 @@ class Data:
         self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
             dataset, buckets, empty, llm, skipped, cache)
         self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
+        self.runtime_skips = SkipCounter()  # this rank's samples that failed while training (no cache)
+
+    def all_skips(self, dist: Dist) -> SkipCounter:
+        """Collective: source/cache skips plus every rank's runtime skips."""
+        total = SkipCounter()
+        total.merge(self.skipped.to_dict())
+        for part in dist.gather(self.runtime_skips.to_dict()):
+            total.merge(part)
+        return total
 
     @property
     def hidden_size(self) -> int:
@@ -213,6 +222,32 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
     return per_sample.mean(), b
 
 
+def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.Module, ella: ELLA,
+                   optimizer: torch.optim.Optimizer, scaler: Any, config: Config, dist: Dist, autocast: Any
+                   ) -> tuple[list[torch.Tensor], int, DataPosition]:
+    """One optimizer step over grad_accum micro-batches (gradients synchronised on the last one only).
+    Returns the micro-batch losses, the samples seen by all ranks, and the data position after it."""
+    t = config.train
+    optimizer.zero_grad(set_to_none=True)
+    losses, samples = [], 0
+    for micro in range(t.grad_accum):
+        batch = next(batches)
+        for key, reason in batch["skipped"]:
+            data.runtime_skips.add(reason, key)
+        last = micro == t.grad_accum - 1
+        with step_module.no_sync() if dist.enabled and not last else contextlib.nullcontext():
+            loss, n = micro_step_loss(batch, base, data, step_module, config, dist.device, autocast)
+            scaler.scale(loss / t.grad_accum).backward()
+        samples += n * dist.world
+        losses.append(loss.detach())
+    if config.optim.max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(ella.parameters(), config.optim.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses, samples, DataPosition(*batch["position"])
+
+
 # ---------------------------------------------------------------- the run
 def connector_metadata(config: Config, base: Base, step: int) -> dict[str, Any]:
     return {"base_model": base.kind, "llm": config.llm.source, "llm_dtype": config.llm.dtype,
@@ -306,7 +341,7 @@ def run(config: Config) -> Path:
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "samples_seen": samples_seen, "position": position.to_dict(),
-                 "skipped": data.skipped.to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "skipped": data.all_skips(dist).to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "world": dist.world, "config": config.to_dict()}
         save_checkpoint(ckpt_root, at_step, ella, connector_metadata(config, base, at_step), optimizer,
                         ema.shadow if ema else None, state, dist, t.keep_checkpoints)
@@ -317,28 +352,11 @@ def run(config: Config) -> Path:
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started, started_step = time.time(), step
     while step < t.max_steps:
-        # one optimizer step over grad_accum micro-batches
         for group in optimizer.param_groups:
             group["lr"] = o.lr * lr_factor(step, o, t.max_steps)
-        optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for micro in range(t.grad_accum):
-            batch = next(batches)
-            for key, reason in batch["skipped"]:
-                data.skipped.add(reason, key)
-            last = micro == t.grad_accum - 1
-            sync = step_module.no_sync() if dist.enabled and not last else contextlib.nullcontext()
-            with sync:
-                loss, n = micro_step_loss(batch, base, data, step_module, config, dist.device, autocast)
-                scaler.scale(loss / t.grad_accum).backward()
-            samples_seen += n * dist.world
-            losses.append(loss.detach())
-            position = DataPosition(*batch["position"])
-        if o.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(ella.parameters(), o.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        losses, n, position = optimizer_step(batches, base, data, step_module, ella, optimizer, scaler, config,
+                                             dist, autocast)
+        samples_seen += n
         step += 1
         if ema is not None:
             ema.update(ella, step)
@@ -346,17 +364,18 @@ def run(config: Config) -> Path:
 
         if step % t.log_every == 0 or step == t.max_steps:
             loss_value = dist.mean(torch.stack(losses).mean()).item()
+            skipped = data.all_skips(dist).total
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optim.lr or use bf16/fp32")
             if dist.is_main:
                 rate = (step - started_step) / max(time.time() - started, 1e-9)
                 record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                          "samples_seen": samples_seen, "skipped": data.skipped.total, "steps_per_s": rate}
+                          "samples_seen": samples_seen, "skipped": skipped, "steps_per_s": rate}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", record["lr"], step)
-                writer.add_scalar("data/skipped", data.skipped.total, step)
+                writer.add_scalar("data/skipped", skipped, step)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
         v = config.validation
         if v.every and v.prompts and step % v.every == 0:
@@ -370,10 +389,11 @@ def run(config: Config) -> Path:
     bar.close()
 
     final = out / "ella.safetensors"
+    skipped = data.all_skips(dist)
     if dist.is_main:
         if step >= t.max_steps:
             save_final(ella, ema, connector_metadata(config, base, step), out)
-            log.info("wrote %s (%d samples skipped in total)", final, data.skipped.total)
+            log.info("wrote %s (%d samples skipped in total: %s)", final, skipped.total, dict(skipped.counts))
         writer.close()
         metrics_file.close()
     dist.barrier()

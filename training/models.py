@@ -90,6 +90,11 @@ def load_base(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     source = config.pretrained
+    if not source:
+        raise ValueError("model.pretrained is empty: set a diffusers folder, a hub id or a single-file checkpoint")
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"model.pretrained {source} does not exist")
+    source = str(Path(source).expanduser()) if source.startswith("~") else source
     single = Path(source).is_file() and Path(source).suffix in SINGLE_FILE_SUFFIXES
     if single:
         kwargs: dict[str, Any] = {"torch_dtype": dtype}

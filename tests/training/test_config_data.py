@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, synthetic_samples, write_csv, write_folder, write_jsonl, write_tars
+from tests.training.train_helpers import TINY_CONFIG, synthetic_samples, write_csv, write_folder, write_jsonl, write_tars
 
 from training.config import ConfigError, load_config
 from training.data import (BatchPlan, DataPosition, SkipCounter, choose_caption, epoch_batches, fit_to_bucket,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (ROOT, TINY_CONFIG, TRAIN_SCRIPT, png_bytes, read_metrics, run_trainer, synthetic_samples,
+from tests.training.train_helpers import (ROOT, TINY_CONFIG, TRAIN_SCRIPT, png_bytes, read_metrics, run_trainer, synthetic_samples,
                       write_folder)
 from safetensors.torch import load_file
 
@@ -78,18 +78,24 @@ def test_jsonl_with_the_real_smollm2(tiny_sd15, smollm2, datasets, tmp_path):
     assert len(index["entries"]) == 24 and all(len(e["captions"]) == 2 for e in index["entries"])
 
 
-def test_csv_online_without_cache_and_grad_accum(tiny_sd15, tiny_t5, datasets, tmp_path):
-    out = tmp_path / "run"
-    run_trainer(*_common(tiny_sd15, tiny_t5, datasets["csv"], out), "train.max_steps=2", "cache.enabled=false",
-                "train.grad_accum=2", "train.batch_size=2", "data.caption_columns=[caption, dense]")
-    _check_output(out, 2, tiny_t5)
-    assert not (out / "cache").exists()
-    assert read_metrics(out)[-1]["samples_seen"] == 8  # 2 steps x 2 micro-batches x 2 samples
+def test_csv_online_without_cache_matches_the_cached_run(tiny_sd15, tiny_t5, datasets, tmp_path):
+    common = _common(tiny_sd15, tiny_t5, datasets["csv"], None)[:3] + [
+        "train.max_steps=2", "train.grad_accum=2", "train.batch_size=2", "data.caption_columns=[caption, dense]",
+        "data.caption_dropout=0.3"]
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    run_trainer(*common, f"output_dir={online}", "cache.enabled=false", "data.num_workers=1")
+    _check_output(online, 2, tiny_t5)
+    assert not (online / "cache").exists()
+    assert read_metrics(online)[-1]["samples_seen"] == 8  # 2 steps x 2 micro-batches x 2 samples
+    # the cache holds exactly what the online path computes: same captions, dropout, latents, losses
+    run_trainer(*common, f"output_dir={cached}")
+    assert [m["loss"] for m in read_metrics(cached)] == pytest.approx([m["loss"] for m in read_metrics(online)],
+                                                                        rel=1e-5)
 
 
 def test_webdataset_tars(tiny_sd15, tiny_t5, datasets, tmp_path):
     out = tmp_path / "run"
-    run_trainer(*_common(tiny_sd15, tiny_t5, datasets["webdataset"], out), "train.max_steps=2")
+    run_trainer(*_common(tiny_sd15, tiny_t5, datasets["webdataset"], out), "train.max_steps=2", "data.num_workers=1")
     _check_output(out, 2, tiny_t5)
 
 
