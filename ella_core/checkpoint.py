@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import BASE_CONTEXT_WIDTH, ELLAConfig
 from .connector import ELLA
+from .state_dicts import layout_problems
 
 FORMAT = "ella-connector"
 FORMAT_VERSION = "1"
@@ -140,21 +141,10 @@ def infer_config(state_dict: StateDict, heads: Optional[int] = None, where: str 
 
 def check_state_dict(state_dict: StateDict, config: ELLAConfig, where: str = "state dict") -> None:
     """Strict check: the exact key set and every shape of `config`; all values finite."""
-    expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (first: {missing[:4]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:4]})")
-    for key in sorted(set(expected) & set(state_dict)):
-        got = tuple(state_dict[key].shape)
-        if got != expected[key]:
-            problems.append(f"{key} has shape {list(got)}, expected {list(expected[key])}")
+    problems = layout_problems({k: tuple(v.shape) for k, v in state_dict.items()}, _expected_shapes(config))
     if problems:
         raise ELLACheckpointError(
-            f"{where} does not match the ELLA connector layout for {config}: " + "; ".join(problems[:6])
+            f"{where} does not match the ELLA connector layout for {config}: " + "; ".join(problems)
         )
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

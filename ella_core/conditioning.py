@@ -22,15 +22,6 @@ class ELLAShapeError(ValueError):
     """An ELLA prompt/connector/model combination whose widths do not fit together."""
 
 
-def check_llm_width(llm_width: int, connector: ELLA, llm_name: str = "the text encoder",
-                    connector_name: str = "the connector") -> None:
-    """The LLM's hidden size must equal the connector's input_dim."""
-    if llm_width != connector.config.input_dim:
-        raise ELLAShapeError(
-            f"{llm_name} produces features of width {llm_width}, but {connector_name} expects "
-            f"input_dim {connector.config.input_dim}. Use the LLM the connector was trained on.")
-
-
 def check_context_width(connector: ELLA, model_context_dim: Optional[int], connector_name: str = "the connector",
                         model_name: str = "the diffusion model") -> None:
     """The connector's output width must equal the UNet's cross-attention width (SD1.5 768, SDXL 2048)."""

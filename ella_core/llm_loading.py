@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .state_dicts import layout_problems
+
 T5_MODEL_TYPES = ("t5", "umt5", "mt5")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -257,17 +259,7 @@ def check_state_dict(
     shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], optional: set[str], name: str
 ) -> None:
     """Key set and shapes against the model built from the config; the message names file and numbers."""
-    missing = sorted(set(expected) - set(shapes) - optional)
-    unexpected = sorted(set(shapes) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of the model's {len(expected)} weights are missing (e.g. {missing[:4]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} keys are not part of this model (e.g. {unexpected[:4]})")
-    wrong = [(k, shapes[k], expected[k]) for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
-    if wrong:
-        listed = "; ".join(f"{k}: file {list(a)}, config {list(b)}" for k, a, b in wrong[:4])
-        problems.append(f"{len(wrong)} shape mismatches ({listed})")
+    problems = layout_problems(shapes, expected, optional)
     if problems:
         raise TextEncoderError(f"{name}: the weights do not fit the model's config: " + ", ".join(problems))
 

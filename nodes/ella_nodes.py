@@ -9,8 +9,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..ella_core import load_ella_with_metadata
-from ..ella_core.conditioning import EllaPrompt, check_context_width, check_llm_width
-from ..ella_core.text_encoder import load_text_encoder
+from ..ella_core.conditioning import EllaPrompt, check_context_width
+from ..ella_core.text_encoder import check_width, load_text_encoder
 from . import folders, hook
 from .managed import ManagedConnector, ManagedTextEncoder
 
@@ -114,7 +114,7 @@ class ELLAEncode(io.ComfyNode):
     @classmethod
     def execute(cls, text_encoder: ManagedTextEncoder, ella: ManagedConnector, text: str, clip=None,
                 clip_weight: float = 1.0) -> io.NodeOutput:
-        check_llm_width(text_encoder.hidden_size, ella.module, f"text encoder '{text_encoder.name}'",
+        check_width(text_encoder.hidden_size, ella.module.config.input_dim, f"'{text_encoder.name}'",
                         f"ELLA connector '{ella.name}'")
         features = text_encoder.encode(text)  # (1, L, D_llm)
         clip_tokens = clip_pooled = None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from workflow_to_prompt import fetch_object_info, workflow_to_prompt  # noqa: E402
+from workflow_to_prompt import fetch_object_info, set_model_files, workflow_to_prompt  # noqa: E402
 
 PACK_LINK_NAME = "comfyui-ella"
 REAL_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -65,7 +65,7 @@ def find_real_weights(models: Path, ckpt: str) -> dict[str, str | None]:
     return {
         "ckpt": ckpt if (models / "checkpoints" / ckpt).is_file() else None,
         "ella": REAL_ELLA if (models / "ella" / REAL_ELLA).is_file() else None,
-        "t5": t5,
+        "text_encoder": t5,
     }
 
 
@@ -100,7 +100,7 @@ def build_offline_models(models: Path, need_ckpt: bool, need_ella: bool) -> dict
                 "base_model": "sd15", "llm": "SmolLM2-135M-Instruct", "token_length": 128, "token_mode": "fixed",
                 "extra": {"note": "randomly initialised offline stand-in: not a trained connector"}})
         names["ella"] = OFFLINE_ELLA
-        names["t5"] = llm_link.name
+        names["text_encoder"] = llm_link.name
     return names
 
 
@@ -216,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
 
     found = find_real_weights(models, args.ckpt)
     need_ckpt = found["ckpt"] is None
-    need_ella = found["ella"] is None or found["t5"] is None
+    need_ella = found["ella"] is None or found["text_encoder"] is None
     names = {k: v for k, v in found.items() if v}
     if need_ckpt or need_ella:
         if args.user_comfyui:
             raise SystemExit(
                 "real weights missing in " + str(models) + ": "
-                + ", ".join(k for k in ("ckpt", "ella", "t5") if found[k] is None)
+                + ", ".join(k for k in ("ckpt", "ella", "text_encoder") if found[k] is None)
                 + ". Offline stand-ins are only written into the private base directory: run without "
                   "COMFYUI_PATH, or download the weights (docs/workflows.md).")
         offline = build_offline_models(models, need_ckpt, need_ella)
@@ -255,15 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         if "ELLAEncode" not in info:
             raise SystemExit("the server did not load the ELLA nodes; log:\n" + tail(log_path, 80))
         prompt = workflow_to_prompt(workflow, info)
+        set_model_files(prompt, names)
         for node in prompt.values():
             inputs, ctype = node["inputs"], node["class_type"]
-            if ctype == "CheckpointLoaderSimple":
-                inputs["ckpt_name"] = names["ckpt"]
-            elif ctype == "ELLALoader":
-                inputs["ella_name"] = names["ella"]
-            elif ctype == "ELLATextEncoderLoader":
-                inputs["model_name"] = names["t5"]
-            elif ctype == "EmptyLatentImage" and args.size:
+            if ctype == "EmptyLatentImage" and args.size:
                 inputs["width"] = inputs["height"] = args.size
             elif ctype == "KSampler":
                 inputs["steps"] = args.steps or inputs["steps"]

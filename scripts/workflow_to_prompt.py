@@ -142,6 +142,25 @@ def workflow_to_prompt(workflow: dict, object_info: dict) -> dict[str, dict]:
     return prompt
 
 
+# Loader node -> (its file-name input, the role a caller names the file by), for set_model_files.
+MODEL_INPUTS = {
+    "CheckpointLoaderSimple": ("ckpt_name", "ckpt"),
+    "ELLALoader": ("ella_name", "ella"),
+    "ELLATextEncoderLoader": ("model_name", "text_encoder"),
+    "LoraLoader": ("lora_name", "lora"),
+    "ControlNetLoader": ("control_net_name", "controlnet"),
+}
+
+
+def set_model_files(prompt: dict[str, dict], names: dict[str, str]) -> dict[str, dict]:
+    """Point every loader of an API prompt at the file named for its role (roles absent from `names` stay)."""
+    for node in prompt.values():
+        input_name, role = MODEL_INPUTS.get(node["class_type"], (None, None))
+        if role in names:
+            node["inputs"][input_name] = names[role]
+    return prompt
+
+
 def fetch_object_info(server: str, timeout: float = 60.0) -> dict:
     """GET /object_info from a running ComfyUI server."""
     with urllib.request.urlopen(server.rstrip("/") + "/object_info", timeout=timeout) as r:

@@ -98,11 +98,15 @@ def load_base(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     single = Path(source).is_file() and Path(source).suffix in SINGLE_FILE_SUFFIXES
     if single:
         kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        unet_kwargs, vae_kwargs = dict(kwargs), dict(kwargs)
         if config.single_file_config:
-            kwargs["config"] = config.single_file_config
+            # `config` is the pipeline's root (folder or hub id); diffusers reads `<config>/<subfolder>/config.json`
+            # and, given `config`, does not add the component's subfolder itself
+            unet_kwargs.update(config=config.single_file_config, subfolder="unet")
+            vae_kwargs.update(config=config.single_file_config, subfolder="vae")
         try:
-            unet = UNet2DConditionModel.from_single_file(source, **kwargs)
-            vae = AutoencoderKL.from_single_file(source, **kwargs)
+            unet = UNet2DConditionModel.from_single_file(source, **unet_kwargs)
+            vae = AutoencoderKL.from_single_file(source, **vae_kwargs)
         except Exception as e:
             raise RuntimeError(
                 f"could not load the single-file checkpoint {source}: {e}. diffusers needs the base's config: "

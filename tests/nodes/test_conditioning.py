@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ella_core import ELLA, ELLAConfig
-from ella_core.conditioning import ContextCache, ELLAShapeError, EllaPrompt, check_context_width, check_llm_width
+from ella_core.conditioning import ContextCache, ELLAShapeError, EllaPrompt, check_context_width
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,9 @@ def test_cache_keys_on_prompt_and_timestep(connector):
     torch.testing.assert_close(per_sample[1:], cache.context(a, torch.tensor([3.0]), torch.device("cpu")))
 
 
-def test_width_checks_name_both_numbers(connector):
-    with pytest.raises(ELLAShapeError, match=r"width 20.*input_dim 16"):
-        check_llm_width(20, connector)
+def test_context_width_check_names_both_numbers(connector):
     with pytest.raises(ELLAShapeError, match=r"width 32.*width 768"):
         check_context_width(connector, 768)
-    check_llm_width(16, connector)
     check_context_width(connector, 32)
 
 

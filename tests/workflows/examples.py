@@ -7,8 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tests.support.tiny_models import write_all  # noqa: E402
-from tests.workflows.extra_models import write_tiny_controlnet, write_tiny_lora  # noqa: E402
+from tests.support.tiny_models import write_all, write_tiny_controlnet  # noqa: E402
+from tests.workflows.extra_models import write_tiny_lora  # noqa: E402
+from workflow_to_prompt import set_model_files  # noqa: E402
 
 WORKFLOW_DIR = ROOT / "workflows"
 TEST_SIZE = 128  # pixels; the examples use 512, the tiny UNet needs no more to show the graph runs
@@ -35,19 +36,10 @@ def example_files() -> list[Path]:
 def substitute_tiny(prompt: dict, names: dict, size: int = TEST_SIZE, steps: int = 2) -> dict:
     """The API prompt with the tiny models' file names, a small image and few steps (the graph is unchanged)."""
     scale = size / 512
+    set_model_files(prompt, names)
     for node in prompt.values():
         inputs, ctype = node["inputs"], node["class_type"]
-        if ctype == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = names["ckpt"]
-        elif ctype == "ELLALoader":
-            inputs["ella_name"] = names["ella"]
-        elif ctype == "ELLATextEncoderLoader":
-            inputs["model_name"] = names["text_encoder"]
-        elif ctype == "LoraLoader":
-            inputs["lora_name"] = names["lora"]
-        elif ctype == "ControlNetLoader":
-            inputs["control_net_name"] = names["controlnet"]
-        elif ctype == "EmptyLatentImage":
+        if ctype == "EmptyLatentImage":
             inputs["width"] = inputs["height"] = size
         elif ctype == "ConditioningSetArea":
             for key in ("width", "height", "x", "y"):

@@ -1,7 +1,7 @@
-"""Tiny stand-ins for the extra models some example workflows load: an SD1.5 ControlNet and a LoRA.
+"""A tiny LoRA for the example workflows (the tiny ControlNet is tests/support/tiny_models.py's).
 
-Both match the tiny SD1.5 UNet of tests/support/tiny_models.py, so ComfyUI's own loaders detect and apply
-them like real files (ControlNet: ldm layout with the `control_model.` prefix; LoRA: kohya `lora_unet_*` keys).
+It matches the tiny SD1.5 UNet of tests/support/tiny_models.py, so ComfyUI's LoraLoader applies it like a real
+file (kohya `lora_unet_*` keys).
 """
 from __future__ import annotations
 
@@ -10,29 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.support.tiny_models import _random_like, import_comfy, tiny_unet_config
 
-CONTROLNET_NAME = "tiny_controlnet_sd15.safetensors"
 LORA_NAME = "tiny_lora_sd15.safetensors"
-
-
-def write_tiny_controlnet(models_dir: Path, name: str = CONTROLNET_NAME, seed: int = 5) -> Path:
-    """models/controlnet/<name>: a random ControlNet with the tiny UNet's config and a 3-channel hint."""
-    import_comfy()
-    import comfy.cldm.cldm
-    import comfy.ops
-
-    config = dict(tiny_unet_config())
-    config.pop("out_channels")
-    net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, device="meta",
-                                     operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator().manual_seed(seed)
-    sd = {f"control_model.{k}": _random_like(k, v.shape, gen).to(torch.float16) for k, v in net.state_dict().items()}
-    # Real ControlNets start with zero convs; non-zero ones make the control really reach the UNet.
-    path = Path(models_dir) / "controlnet" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return path
 
 
 def write_tiny_lora(models_dir: Path, checkpoint: Path, name: str = LORA_NAME, rank: int = 4, seed: int = 6) -> Path:
