@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workflow_to_prompt import fetch_object_info, widget_inputs  # noqa: E402
+from workflow_to_prompt import read_object_info, widget_inputs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "workflows")
@@ -360,11 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=OUT_DIR)
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a file differs")
     args = ap.parse_args(argv)
-    if args.object_info:
-        with open(args.object_info, encoding="utf-8") as f:
-            info = json.load(f)
-    else:
-        info = fetch_object_info(args.server)
+    info = read_object_info(args.object_info, args.server)
     stale = []
     for name, wf in build_all(info).items():
         path = os.path.join(args.out, name)

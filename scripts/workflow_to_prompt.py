@@ -167,6 +167,14 @@ def fetch_object_info(server: str, timeout: float = 60.0) -> dict:
         return json.load(r)
 
 
+def read_object_info(path: str | None, server: str) -> dict:
+    """The node definitions from a saved /object_info JSON file when given, else from the server."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return fetch_object_info(server)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workflow", help="UI-format workflow JSON")
@@ -175,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with open(args.workflow, encoding="utf-8") as f:
         workflow = json.load(f)
-    if args.object_info:
-        with open(args.object_info, encoding="utf-8") as f:
-            info = json.load(f)
-    else:
-        info = fetch_object_info(args.server)
+    info = read_object_info(args.object_info, args.server)
     try:
         json.dump(workflow_to_prompt(workflow, info), sys.stdout, indent=1)
     except WorkflowError as e:
