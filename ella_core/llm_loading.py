@@ -131,6 +131,17 @@ def load_hf_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_c
         raise TextEncoderError(f"{name or path}: could not load the tokenizer from {path}: {error}") from error
 
 
+def _tokenizer_candidates(path: str) -> tuple[str, ...]:
+    stem = os.path.splitext(os.path.abspath(path))[0]
+    folder = os.path.dirname(stem)
+    return (stem + "_tokenizer", stem, os.path.join(folder, "tokenizer"), folder)
+
+
+def tokenizer_beside(path: str) -> str | None:
+    """Tokenizer folder of a single weights file: `<stem>_tokenizer/`, `<stem>/`, `tokenizer/` or its own folder."""
+    return next((c for c in _tokenizer_candidates(path) if has_tokenizer(c)), None)
+
+
 def tokenizer_location(source: str, tokenizer: str | None) -> tuple[str, str | None]:
     """(folder or hub id, gguf file) of the tokenizer that belongs to `source`."""
     if tokenizer is not None:
@@ -140,11 +151,12 @@ def tokenizer_location(source: str, tokenizer: str | None) -> tuple[str, str | N
     if source.lower().endswith(".gguf"):
         return os.path.dirname(os.path.abspath(source)), source
     if os.path.isfile(source):
-        beside = os.path.dirname(os.path.abspath(source))
-        if has_tokenizer(beside):
+        beside = tokenizer_beside(source)
+        if beside is not None:
             return beside, None
         raise TextEncoderError(
-            f"{source}: a single weights file carries no tokenizer, and none was found beside it in {beside}; "
+            f"{source}: a single weights file carries no tokenizer, and none was found beside it "
+            f"({', '.join(_tokenizer_candidates(source))}); "
             "pass tokenizer=<folder with the model's tokenizer files> (for T5: ComfyUI's "
             "comfy/text_encoders/t5_tokenizer)"
         )

@@ -82,8 +82,7 @@ class ELLATextEncoderLoader(io.ComfyNode):
         else:
             load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
         torch_dtype = DTYPES[dtype] or (torch.float32 if load_device.type == "cpu" else mm.text_encoder_dtype(load_device))
-        tokenizer = folders.tokenizer_beside(path) if path.endswith(".safetensors") else None
-        encoder = load_text_encoder(path, tokenizer=tokenizer, dtype=torch_dtype, device=offload_device)
+        encoder = load_text_encoder(path, dtype=torch_dtype, device=offload_device)  # finds a tokenizer beside files
         return io.NodeOutput(ManagedTextEncoder.create(encoder, model_name, load_device, offload_device,
                                                        token_mode, max_length))
 

@@ -11,9 +11,10 @@ import os
 
 import folder_paths
 
+from ..ella_core.llm_loading import tokenizer_beside
+
 ELLA_FOLDER = "ella"
 ENCODER_FOLDERS = ("text_encoders", "LLM")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json")
 
 
 def _register(name: str, extensions: set[str]) -> None:
@@ -31,19 +32,6 @@ def register_folders() -> None:
     """Called once when the pack is imported; creates no folders."""
     _register(ELLA_FOLDER, {".safetensors"})
     _register("LLM", {".safetensors", ".gguf"})
-
-
-def _has_tokenizer(folder: str) -> bool:
-    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
-
-
-def tokenizer_beside(path: str) -> str | None:
-    """Tokenizer folder for a single-file encoder: `<stem>_tokenizer/`, `<stem>/` or `tokenizer/` beside it."""
-    stem = os.path.splitext(path)[0]
-    for candidate in (stem + "_tokenizer", stem, os.path.join(os.path.dirname(path), "tokenizer")):
-        if _has_tokenizer(candidate):
-            return candidate
-    return None
 
 
 def _encoder_roots() -> list[str]:

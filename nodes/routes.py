@@ -17,7 +17,7 @@ from collections import OrderedDict
 from aiohttp import web
 
 from ..ella_core.tokenization import load_tokenizer
-from .folders import resolve_text_encoder, tokenizer_beside
+from .folders import resolve_text_encoder
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
@@ -33,8 +33,7 @@ def cached_tokenizer(path: str):
         if path in _cache:
             _cache.move_to_end(path)
             return _cache[path]
-    beside = tokenizer_beside(path) if path.endswith(".safetensors") else None
-    tokenizer = load_tokenizer(path, tokenizer=beside)
+    tokenizer = load_tokenizer(path)
     with _cache_lock:
         _cache[path] = tokenizer
         while len(_cache) > _CACHE_SIZE:

@@ -130,6 +130,21 @@ def test_single_file_with_config_beside(tmp_path, tiny_t5_dir, tiny_t5_fp32, t5_
     assert torch.equal(enc.encode("a cat").features, tiny_t5_fp32.encode("a cat").features)
 
 
+@pytest.mark.parametrize("layout", ["{stem}_tokenizer", "{stem}", "tokenizer", "."])
+def test_single_file_finds_its_tokenizer_beside_it(tmp_path, tiny_t5_dir, tiny_t5_fp32, t5_tokenizer_dir, layout):
+    """How users keep single files: the tokenizer in `<name>_tokenizer/`, `<name>/`, `tokenizer/` or alongside."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    save_file(load_file(str(tiny_t5_dir / "model.safetensors")), str(tmp_path / "t5.safetensors"))
+    shutil.copytree(t5_tokenizer_dir, tmp_path / layout.format(stem="t5"), dirs_exist_ok=True)
+    source = str(tmp_path / "t5.safetensors")
+    enc = load_text_encoder(source, dtype="fp32")  # no tokenizer argument: found beside the file
+    assert torch.equal(enc.encode("a cat").features, tiny_t5_fp32.encode("a cat").features)
+    assert load_tokenizer(source).count_tokens("a cat").total == tiny_t5_fp32.count_tokens("a cat").total
+
+
 @pytest.mark.parametrize("kind", ["umt5", "mt5"])
 def test_umt5_mt5_encoders(tmp_path, kind, t5_tokenizer_dir, hf_t5_tokenizer):
     import transformers
