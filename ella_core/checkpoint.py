@@ -230,13 +230,11 @@ def read_ella_metadata(path: Union[str, os.PathLike]) -> EllaMetadata:
         with safe_open(str(path), framework="pt") as f:
             meta = EllaMetadata.from_safetensors(f.metadata() or {})
             if meta.config is None:
-                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-                meta = replace(meta, config=infer_config({k: torch.empty(s, device="meta") for k, s in shapes.items()}, where=str(path)))
-    except FileNotFoundError:
+                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                meta = replace(meta, config=infer_config(shapes, where=str(path)))
+    except (FileNotFoundError, ELLACheckpointError):
         raise
-    except ELLACheckpointError:
-        raise
-    except Exception as e:
+    except Exception as e:  # safetensors' own errors for truncated or corrupt headers
         raise ELLACheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     return _fill_defaults(meta, meta.config)
 
@@ -266,12 +264,18 @@ def save_ella(
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ELLACheckpointError(f"refusing to save {path}: NaN or inf in {len(bad)} tensors (first: {bad[:4]})")
+    atomic_save_file(tensors, path, meta.to_safetensors())
+
+
+def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, os.PathLike],
+                     metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors written to a temporary file beside `path`, synced, then renamed: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta.to_safetensors())
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

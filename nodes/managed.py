@@ -92,10 +92,8 @@ class ManagedTextEncoder:
         mm.load_models_gpu([self.patcher], force_full_load=True)
         with torch.no_grad():
             encoded = self.encoder.encode([text], mode=self.mode, max_length=self.max_length)
-        features = encoded.prompt_features(0).detach().to("cpu", torch.float32)  # (1, L, D)
-        if not torch.isfinite(features).all():
-            raise ValueError(f"ELLA text encoder '{self.name}' produced NaN/inf features for this prompt "
-                             f"(dtype {self.encoder.dtype}); try dtype fp32 or bf16.")
+        # float32 and finite: ella_core's encode recomputes overflows and raises on anything non-finite
+        features = encoded.prompt_features(0).detach().to("cpu")  # (1, L, D)
         with self._lock:
             self._cache[key] = features
             while len(self._cache) > ENCODING_CACHE_SIZE:

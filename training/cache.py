@@ -25,7 +25,9 @@ from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ella_core.checkpoint import atomic_save_file
 
 from .config import Config
 from .data import (DataConfig, SkipCounter, decode_image, fit_to_bucket, make_buckets, nearest_bucket, pick_text,
@@ -57,17 +59,6 @@ def cache_dir(config: Config, base_dtype: torch.dtype) -> Path:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(config.cache.dir) if config.cache.dir else Path(config.output_dir) / "cache"
     return root / digest
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -105,7 +96,7 @@ class _ShardWriter:
 
     def flush(self) -> None:
         if self.slots:
-            _atomic_save(self.tensors, self.folder / self.shard_name)
+            atomic_save_file(self.tensors, self.folder / self.shard_name)
             self.tensors, self.slots, self.shards = {}, 0, self.shards + 1
 
 
@@ -182,7 +173,7 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
         prompts.update({prompt_key(p): f for p, f in zip(
             config.validation.prompts, encode_texts(llm, config.validation.prompts, config.llm)
             if config.validation.prompts else [])})
-        _atomic_save({k: v.float() for k, v in prompts.items()}, folder / "prompts.safetensors")
+        atomic_save_file({k: v.float() for k, v in prompts.items()}, folder / "prompts.safetensors")
         index = {"settings": cache_settings(config, base.unet.dtype), "hidden_size": int(empty.shape[-1]),
                  "entries": entries, "skipped": total_skips.to_dict()}
         _atomic_write_text(folder / "index.json", json.dumps(index))
