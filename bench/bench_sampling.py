@@ -98,7 +98,7 @@ def main() -> None:
 
     unet, unet_params = build_sd15()
     connector, ella_pos, ella_neg, ella_params = build_ella_conds(pack_nodes, hook, managed)
-    ella_model = pack_nodes.ELLATimestepConditioning.execute(unet, connector).result[0]
+    ella_model = pack_nodes.EllaTSCTimestepConditioning.execute(unet, connector).result[0]
     g = torch.Generator().manual_seed(3)
     plain_pos = [[torch.randn(1, 64, 768, generator=g), {}]]
     plain_neg = [[torch.randn(1, 64, 768, generator=g), {}]]

@@ -14,8 +14,8 @@ from ..ella_core.text_encoder import check_width, load_text_encoder
 from . import folders, hook
 from .managed import ManagedConnector, ManagedTextEncoder
 
-ELLAType = io.Custom("ELLA")
-TextEncoderType = io.Custom("ELLA_TEXT_ENCODER")
+ELLAType = io.Custom("ELLA_TSC_CONNECTOR")
+TextEncoderType = io.Custom("ELLA_TSC_TEXT_ENCODER")
 CATEGORY = "conditioning/ella"
 DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -24,12 +24,12 @@ def _model_context_dim(model) -> int | None:
     return hook._model_context_dim(model.model)
 
 
-class ELLALoader(io.ComfyNode):
+class EllaTSCConnectorLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ELLALoader",
-            display_name="Load ELLA",
+            node_id="EllaTSCConnectorLoader",
+            display_name="Load ELLA Connector",
             category=CATEGORY,
             description="Loads an ELLA connector (TSC), which turns LLM prompt features into the UNet's "
                         "cross-attention context at every sampling step.",
@@ -47,12 +47,12 @@ class ELLALoader(io.ComfyNode):
         return io.NodeOutput(ManagedConnector.create(module, metadata, ella_name))
 
 
-class ELLATextEncoderLoader(io.ComfyNode):
+class EllaTSCTextEncoderLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ELLATextEncoderLoader",
-            display_name="Load ELLA Text Encoder",
+            node_id="EllaTSCTextEncoderLoader",
+            display_name="Load ELLA Text Encoder (T5 / LLM)",
             category=CATEGORY,
             description="Loads the LLM (T5, Llama, ...) whose features an ELLA connector reads; ComfyUI "
                         "moves it to the GPU only while encoding.",
@@ -69,7 +69,7 @@ class ELLATextEncoderLoader(io.ComfyNode):
                 io.Int.Input("max_length", default=128, min=1, max=4096,
                              tooltip="Token length (fixed mode) or truncation limit (flexible mode)."),
             ],
-            outputs=[TextEncoderType.Output(display_name="ELLA_TEXT_ENCODER", tooltip="The managed LLM encoder.")],
+            outputs=[TextEncoderType.Output(display_name="TEXT_ENCODER", tooltip="The managed LLM encoder.")],
         )
 
     @classmethod
@@ -87,18 +87,18 @@ class ELLATextEncoderLoader(io.ComfyNode):
                                                        token_mode, max_length))
 
 
-class ELLAEncode(io.ComfyNode):
+class EllaTSCEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ELLAEncode",
-            display_name="ELLA Encode",
+            node_id="EllaTSCEncode",
+            display_name="ELLA Prompt Encode",
             category=CATEGORY,
             description="Encodes a prompt with the LLM into an ordinary CONDITIONING whose context the ELLA "
                         "connector recomputes at every sampling step (needs ELLA Timestep Conditioning on the MODEL).",
             inputs=[
                 TextEncoderType.Input("text_encoder", tooltip="From Load ELLA Text Encoder."),
-                ELLAType.Input("ella", tooltip="From Load ELLA: the connector that reads these features."),
+                ELLAType.Input("ella", tooltip="From Load ELLA Connector: the connector that reads these features."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The prompt, in natural language. (word:1.2) weights are ignored by the LLM."),
                 io.Clip.Input("clip", optional=True,
@@ -120,7 +120,7 @@ class ELLAEncode(io.ComfyNode):
         if clip is not None:
             clip_tokens, clip_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
             if clip_tokens.shape[-1] != ella.module.config.width:
-                raise ValueError(f"ELLA Encode: CLIP tokens have width {clip_tokens.shape[-1]} but connector "
+                raise ValueError(f"ELLA Prompt Encode: CLIP tokens have width {clip_tokens.shape[-1]} but connector "
                                  f"'{ella.name}' outputs width {ella.module.config.width}; use the CLIP of the same base model.")
         prompt = EllaPrompt(features=features, connector=ella, text=text, clip_tokens=clip_tokens,
                             clip_weight=clip_weight, clip_pooled=clip_pooled, name=f"ELLA connector '{ella.name}'")
@@ -136,11 +136,11 @@ class ELLAEncode(io.ComfyNode):
         return io.NodeOutput([[placeholder, options]])
 
 
-class ELLATimestepConditioning(io.ComfyNode):
+class EllaTSCTimestepConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ELLATimestepConditioning",
+            node_id="EllaTSCTimestepConditioning",
             display_name="ELLA Timestep Conditioning",
             category=CATEGORY,
             description="Patches the MODEL so every ELLA conditioning gets the connector's context for the exact "
@@ -159,4 +159,4 @@ class ELLATimestepConditioning(io.ComfyNode):
         return io.NodeOutput(hook.patch_model(model, ella.patcher))
 
 
-NODES = [ELLALoader, ELLATextEncoderLoader, ELLAEncode, ELLATimestepConditioning]
+NODES = [EllaTSCConnectorLoader, EllaTSCTextEncoderLoader, EllaTSCEncode, EllaTSCTimestepConditioning]

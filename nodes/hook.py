@@ -1,7 +1,7 @@
 """The exact per-step ELLA hook: ComfyUI keyed wrappers that rebuild each ELLA cond's context at every call.
 
 How it works (see docs/nodes.md):
-- ELLA Encode puts an `EllaPrompt` into `options["model_conds"]["ella"]` (an `ELLACond`), which ComfyUI
+- ELLA Prompt Encode puts an `EllaPrompt` into `options["model_conds"]["ella"]` (an `ELLACond`), which ComfyUI
   carries unchanged into the sampler, next to a placeholder `c_crossattn`.
 - A CALC_COND_BATCH wrapper (keyed "ella") runs at every model evaluation, before ComfyUI batches conds
   and before ControlNet. It reads sigma -> t with the model's *current* `model_sampling.timestep`, and
@@ -30,7 +30,7 @@ COND_KEY = "ella"  # our entry in a cond's model_conds
 ADDITIONAL_MODELS_KEY = "ella_connector"
 
 _RUN_CACHE: contextvars.ContextVar[ContextCache | None] = contextvars.ContextVar("ella_run_cache", default=None)
-log = logging.getLogger("comfyui-ella")
+log = logging.getLogger("ella-tsc")
 
 MISSING_HOOK = ("ELLA conditioning reached the model without the ELLA per-step hook: pass the MODEL through "
                 "'ELLA Timestep Conditioning' before the sampler.")

@@ -1,6 +1,6 @@
 """Connector and LLM under ComfyUI's model management (ModelPatcher: load to GPU when used, offload after).
 
-The objects here are what flows through the `ELLA` and `ELLA_TEXT_ENCODER` sockets.
+The objects here are what flows through the `ELLA` and `ELLA_TSC_TEXT_ENCODER` sockets.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def parse_request(body: object) -> tuple[str, str, int, str]:
 
 
 def tokenize(text: str, model_name: str, max_length: int, mode: str) -> dict:
-    """Token count of `text` as ELLA Encode would see it (weight syntax stripped, special tokens included)."""
+    """Token count of `text` as ELLA Prompt Encode would see it (weight syntax stripped, special tokens included)."""
     count = cached_tokenizer(resolve_text_encoder(model_name)).count_tokens(text, max_length=max_length, mode=mode)
     return {"total": count.total, "kept": count.kept, "dropped": count.dropped,
             "dropped_text": count.dropped_text, "max_length": max_length if mode == "fixed" else None,

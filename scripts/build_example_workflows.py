@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Write the example workflows (workflows/*.json, the frontend's UI format) from compact graph specs.
+"""Write the example workflows (example_workflows/*.json, the frontend's UI format) from compact graph specs.
 
 Widget order, defaults, socket names and types come from a live server's `/object_info`, so the files always match
 the installed nodes; tests/workflows regenerates them and fails when the committed files differ.
 
-    python scripts/build_example_workflows.py --server http://127.0.0.1:8188       # rewrite workflows/
+    python scripts/build_example_workflows.py --server http://127.0.0.1:8188       # rewrite example_workflows/
     python scripts/build_example_workflows.py --object-info info.json --check      # exit 1 if out of date
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workflow_to_prompt import read_object_info, widget_inputs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_DIR = os.path.join(ROOT, "workflows")
+OUT_DIR = os.path.join(ROOT, "example_workflows")
 FRONTEND_VERSION = "1.32.9"
 
 # Realistic default file names; docs/workflows.md says where each comes from.
@@ -211,8 +211,8 @@ MODELS_NOTE = (
 def _base(g: Graph, ckpt: Node | None = None):
     """Loaders shared by every example: checkpoint, ELLA connector, T5 encoder, the per-step hook."""
     ckpt = ckpt or g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
-    ella = g.add("ELLALoader", ella_name=ELLA_FILE)
-    te = g.add("ELLATextEncoderLoader", model_name=T5_FOLDER)
+    ella = g.add("EllaTSCConnectorLoader", ella_name=ELLA_FILE)
+    te = g.add("EllaTSCTextEncoderLoader", model_name=T5_FOLDER)
     return ckpt, ella, te
 
 
@@ -230,11 +230,11 @@ def txt2img(info: dict) -> Graph:
            "**ELLA Timestep Conditioning** recomputes the connector's output at every sampling step with the "
            "sampler's own timestep, for any sampler and scheduler.\n\n" + MODELS_NOTE)
     ckpt, ella, te = _base(g)
-    model = g.add("ELLATimestepConditioning", model=ckpt[0], ella=ella[0])
-    pos = g.add("ELLAEncode", title="ELLA Encode (positive)", text_encoder=te[0], ella=ella[0],
+    model = g.add("EllaTSCTimestepConditioning", model=ckpt[0], ella=ella[0])
+    pos = g.add("EllaTSCEncode", title="ELLA Prompt Encode (positive)", text_encoder=te[0], ella=ella[0],
                 text="a red fox sitting in a snowy birch forest at dawn, soft golden light, detailed fur, "
                      "photograph")
-    neg = g.add("ELLAEncode", title="ELLA Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
+    neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
     _finish(g, model[0], pos[0], neg[0], latent[0], ckpt[2], "ELLA/txt2img")
     return g
@@ -243,16 +243,16 @@ def txt2img(info: dict) -> Graph:
 def clip_lora(info: dict) -> Graph:
     g = Graph("ella_clip_lora_sd15", info)
     g.note("# ELLA + CLIP with a LoRA\nLoRA trigger words and styles live in CLIP's embedding space. Connecting "
-           "the (LoRA-patched) CLIP to **ELLA Encode** appends CLIP's tokens to the ELLA tokens, weighted by "
+           "the (LoRA-patched) CLIP to **ELLA Prompt Encode** appends CLIP's tokens to the ELLA tokens, weighted by "
            f"`clip_weight`. Put a LoRA into `models/loras/` (here `{LORA}`).\n\n" + MODELS_NOTE)
     ckpt, ella, te = _base(g)
     lora = g.add("LoraLoader", model=ckpt[0], clip=ckpt[1], lora_name=LORA, strength_model=0.8,
                  strength_clip=0.8)
-    model = g.add("ELLATimestepConditioning", model=lora[0], ella=ella[0])
-    pos = g.add("ELLAEncode", title="ELLA Encode (positive, + CLIP)", text_encoder=te[0], ella=ella[0],
+    model = g.add("EllaTSCTimestepConditioning", model=lora[0], ella=ella[0])
+    pos = g.add("EllaTSCEncode", title="ELLA Prompt Encode (positive, + CLIP)", text_encoder=te[0], ella=ella[0],
                 clip=lora[1], text="an old lighthouse keeper reading a letter by an oil lamp, highly detailed, "
                                    "intricate textures, cinematic lighting")
-    neg = g.add("ELLAEncode", title="ELLA Encode (negative, + CLIP)", text_encoder=te[0], ella=ella[0],
+    neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative, + CLIP)", text_encoder=te[0], ella=ella[0],
                 clip=lora[1], text=NEGATIVE)
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
     _finish(g, model[0], pos[0], neg[0], latent[0], ckpt[2], "ELLA/clip_lora")
@@ -265,10 +265,10 @@ def controlnet(info: dict) -> Graph:
            f"`models/controlnet/` (`{CONTROLNET}`). The ControlNet sees the ELLA conditioning of each step.\n\n"
            + MODELS_NOTE)
     ckpt, ella, te = _base(g)
-    model = g.add("ELLATimestepConditioning", model=ckpt[0], ella=ella[0])
-    pos = g.add("ELLAEncode", title="ELLA Encode (positive)", text_encoder=te[0], ella=ella[0],
+    model = g.add("EllaTSCTimestepConditioning", model=ckpt[0], ella=ella[0])
+    pos = g.add("EllaTSCEncode", title="ELLA Prompt Encode (positive)", text_encoder=te[0], ella=ella[0],
                 text="a futuristic glass building at night, neon reflections on wet streets, wide angle")
-    neg = g.add("ELLAEncode", title="ELLA Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
+    neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
     cn = g.add("ControlNetLoader", control_net_name=CONTROLNET)
     hint = g.add("LoadImage", image="example.png")
     applied = g.add("ControlNetApplyAdvanced", positive=pos[0], negative=neg[0], control_net=cn[0],
@@ -283,10 +283,10 @@ def img2img(info: dict) -> Graph:
     g.note("# ELLA image to image\nThe input image is encoded by the VAE and partly re-noised (`denoise` 0.6); "
            "ELLA conditions the remaining steps, each with its own timestep.\n\n" + MODELS_NOTE)
     ckpt, ella, te = _base(g)
-    model = g.add("ELLATimestepConditioning", model=ckpt[0], ella=ella[0])
-    pos = g.add("ELLAEncode", title="ELLA Encode (positive)", text_encoder=te[0], ella=ella[0],
+    model = g.add("EllaTSCTimestepConditioning", model=ckpt[0], ella=ella[0])
+    pos = g.add("EllaTSCEncode", title="ELLA Prompt Encode (positive)", text_encoder=te[0], ella=ella[0],
                 text="an oil painting in the style of the impressionists, thick brush strokes, warm palette")
-    neg = g.add("ELLAEncode", title="ELLA Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
+    neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
     image = g.add("LoadImage", image="example.png")
     latent = g.add("VAEEncode", pixels=image[0], vae=ckpt[2])
     _finish(g, model[0], pos[0], neg[0], latent[0], ckpt[2], "ELLA/img2img", denoise=0.6)
@@ -295,23 +295,23 @@ def img2img(info: dict) -> Graph:
 
 def regional(info: dict) -> Graph:
     g = Graph("ella_regional_sd15", info)
-    g.note("# ELLA regional prompts\nEach region gets its own ELLA Encode, placed with **Conditioning (Set "
+    g.note("# ELLA regional prompts\nEach region gets its own ELLA Prompt Encode, placed with **Conditioning (Set "
            "Area)** and merged with **Conditioning (Combine)**; a whole-image prompt sets the scene.\n\n"
            + MODELS_NOTE)
     ckpt, ella, te = _base(g)
-    model = g.add("ELLATimestepConditioning", model=ckpt[0], ella=ella[0])
-    scene = g.add("ELLAEncode", title="ELLA Encode (scene)", text_encoder=te[0], ella=ella[0],
+    model = g.add("EllaTSCTimestepConditioning", model=ckpt[0], ella=ella[0])
+    scene = g.add("EllaTSCEncode", title="ELLA Prompt Encode (scene)", text_encoder=te[0], ella=ella[0],
                   text="a sunny meadow with a wooden fence, blue sky, children's book illustration")
-    left = g.add("ELLAEncode", title="ELLA Encode (left)", text_encoder=te[0], ella=ella[0],
+    left = g.add("EllaTSCEncode", title="ELLA Prompt Encode (left)", text_encoder=te[0], ella=ella[0],
                  text="a brown horse standing")
-    right = g.add("ELLAEncode", title="ELLA Encode (right)", text_encoder=te[0], ella=ella[0],
+    right = g.add("EllaTSCEncode", title="ELLA Prompt Encode (right)", text_encoder=te[0], ella=ella[0],
                   text="a white goat eating grass")
     left_area = g.add("ConditioningSetArea", conditioning=left[0], width=256, height=512, x=0, y=0, strength=1.0)
     right_area = g.add("ConditioningSetArea", conditioning=right[0], width=256, height=512, x=256, y=0,
                        strength=1.0)
     both = g.add("ConditioningCombine", conditioning_1=left_area[0], conditioning_2=right_area[0])
     pos = g.add("ConditioningCombine", conditioning_1=scene[0], conditioning_2=both[0])
-    neg = g.add("ELLAEncode", title="ELLA Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
+    neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
     _finish(g, model[0], pos[0], neg[0], latent[0], ckpt[2], "ELLA/regional")
     return g
@@ -323,10 +323,10 @@ def sampler_custom(info: dict) -> Graph:
            "Timestep Conditioning reads the timestep of every model call, so the connector sees the true "
            "timestep at each of these steps (no manual 'set timesteps' node).\n\n" + MODELS_NOTE)
     ckpt, ella, te = _base(g)
-    model = g.add("ELLATimestepConditioning", model=ckpt[0], ella=ella[0])
-    pos = g.add("ELLAEncode", title="ELLA Encode (positive)", text_encoder=te[0], ella=ella[0],
+    model = g.add("EllaTSCTimestepConditioning", model=ckpt[0], ella=ella[0])
+    pos = g.add("EllaTSCEncode", title="ELLA Prompt Encode (positive)", text_encoder=te[0], ella=ella[0],
                 text="a ceramic teapot shaped like a snail on a wooden table, studio lighting, product photo")
-    neg = g.add("ELLAEncode", title="ELLA Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
+    neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
     sampler = g.add("KSamplerSelect", sampler_name="dpmpp_2m")
     sigmas = g.add("AlignYourStepsScheduler", model_type="SD1", steps=10, denoise=1.0)
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)

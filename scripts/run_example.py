@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from workflow_to_prompt import fetch_object_info, set_model_files, workflow_to_prompt  # noqa: E402
 
-PACK_LINK_NAME = "comfyui-ella"
+PACK_LINK_NAME = "ella-tsc"
 REAL_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 REAL_ELLA = "ella-sd1.5-tsc-t5xl.safetensors"
 REAL_T5 = "flan-t5-xl"
@@ -44,7 +44,7 @@ def loud(lines: list[str]) -> None:
 
 # ---- where things live --------------------------------------------------------------------------------------
 def link_pack(custom_nodes: Path) -> None:
-    """Make the pack visible to ComfyUI as custom_nodes/comfyui-ella (a symlink), unless it is already there."""
+    """Make the pack visible to ComfyUI as custom_nodes/ella-tsc (a symlink), unless it is already there."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
     for entry in custom_nodes.iterdir():
         if entry.resolve() == ROOT:
@@ -188,7 +188,7 @@ def queue_and_wait(url: str, prompt: dict, timeout: float) -> dict:
 # ---- main -----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workflow", default=str(ROOT / "workflows" / "ella_txt2img_sd15.json"))
+    ap.add_argument("--workflow", default=str(ROOT / "example_workflows" / "ella_txt2img_sd15.json"))
     ap.add_argument("--user-comfyui", help="the user's own ComfyUI: link the pack into its custom_nodes")
     ap.add_argument("--base-directory", help="private ComfyUI base directory (default: $ELLA_ENV/demo)")
     ap.add_argument("--ckpt", default=REAL_CKPT, help="SD1.5 checkpoint in models/checkpoints")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_ready(url, proc, log_path)
         info = fetch_object_info(url)
-        if "ELLAEncode" not in info:
+        if "EllaTSCEncode" not in info:
             raise SystemExit("the server did not load the ELLA nodes; log:\n" + tail(log_path, 80))
         prompt = workflow_to_prompt(workflow, info)
         set_model_files(prompt, names)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             elif ctype == "KSampler":
                 inputs["steps"] = args.steps or inputs["steps"]
                 inputs["seed"] = args.seed if args.seed is not None else inputs["seed"]
-            elif ctype == "ELLAEncode" and args.prompt and inputs.get("text"):
+            elif ctype == "EllaTSCEncode" and args.prompt and inputs.get("text"):
                 inputs["text"] = args.prompt
         if args.prompt:
             log(f"prompt: {args.prompt}")

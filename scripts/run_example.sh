@@ -4,7 +4,7 @@
 #
 #   bash scripts/run_example.sh                       # offline ComfyUI copy, private base directory
 #   COMFYUI_PATH=~/ComfyUI bash scripts/run_example.sh  # your own ComfyUI (pack linked into its custom_nodes)
-#   bash scripts/run_example.sh --workflow workflows/ella_regional_sd15.json --prompt "..."
+#   bash scripts/run_example.sh --workflow example_workflows/ella_regional_sd15.json --prompt "..."
 #
 # Without the real weights (models/ella/ella-sd1.5-tsc-t5xl.safetensors, models/text_encoders/flan-t5-xl,
 # an SD1.5 checkpoint) it runs on offline stand-ins and says so: see docs/workflows.md for the downloads.

@@ -145,8 +145,8 @@ def workflow_to_prompt(workflow: dict, object_info: dict) -> dict[str, dict]:
 # Loader node -> (its file-name input, the role a caller names the file by), for set_model_files.
 MODEL_INPUTS = {
     "CheckpointLoaderSimple": ("ckpt_name", "ckpt"),
-    "ELLALoader": ("ella_name", "ella"),
-    "ELLATextEncoderLoader": ("model_name", "text_encoder"),
+    "EllaTSCConnectorLoader": ("ella_name", "ella"),
+    "EllaTSCTextEncoderLoader": ("model_name", "text_encoder"),
     "LoraLoader": ("lora_name", "lora"),
     "ControlNetLoader": ("control_net_name", "controlnet"),
 }

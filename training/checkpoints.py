@@ -1,7 +1,7 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
 A checkpoint is a folder `step-<N>` holding:
-  connector.safetensors   the connector (ella_core.save_ella, loads in the nodes' "Load ELLA")
+  connector.safetensors   the connector (ella_core.save_ella, loads in the nodes' "Load ELLA Connector")
   ema.safetensors         EMA weights, when enabled
   optimizer.pt            AdamW state (tensors and numbers only; loaded with weights_only=True)
   rng.pt                  python, numpy, torch (and CUDA) RNG states of every rank (weights_only=True)

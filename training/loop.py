@@ -253,7 +253,7 @@ def connector_metadata(config: Config, base: Base, step: int) -> dict[str, Any]:
     return {"base_model": base.kind, "llm": config.llm.source, "llm_dtype": config.llm.dtype,
             "llm_hidden_layer": config.llm.hidden_layer, "token_length": config.llm.max_length,
             "token_mode": config.llm.token_mode,
-            "extra": {"trainer": "comfyui-ella training", "trained_steps": str(step),
+            "extra": {"trainer": "ella-tsc training", "trained_steps": str(step),
                       "base_model_source": config.model.pretrained, "prediction_type": base.prediction_type}}
 
 

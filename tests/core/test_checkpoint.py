@@ -17,8 +17,8 @@ TINY = ELLAConfig(input_dim=24, width=32, layers=2, heads=4, num_latents=6, time
 
 
 @pytest.fixture(scope="module")
-def released_shapes(shared_dir):
-    return json.loads((shared_dir / "ella" / "ella_sd15_t5xl_keys.json").read_text())
+def released_shapes(golden_dir):
+    return json.loads((golden_dir / "ella_sd15_t5xl_keys.json").read_text())
 
 
 def random_state_dict(config: ELLAConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -46,8 +46,8 @@ def test_released_file_layout_loads_strictly_and_infers_config(tmp_path, release
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_golden_weights_load_from_reference_key_names(shared_dir):
-    with safe_open(str(shared_dir / "ella" / "ella_tiny_golden.safetensors"), "pt") as f:
+def test_golden_weights_load_from_reference_key_names(golden_dir):
+    with safe_open(str(golden_dir / "ella_tiny_golden.safetensors"), "pt") as f:
         weights = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
         expected = f.get_tensor("output.expected")
         text, t = f.get_tensor("input.text"), f.get_tensor("input.timesteps")
@@ -99,9 +99,9 @@ def test_metadata_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
-def test_saved_tiny_file_uses_exactly_the_reference_keys(tmp_path, shared_dir):
+def test_saved_tiny_file_uses_exactly_the_reference_keys(tmp_path, golden_dir):
     """What the reference's strict load checks: the same names and shapes, nothing extra."""
-    with safe_open(str(shared_dir / "ella" / "ella_tiny_golden.safetensors"), "pt") as f:
+    with safe_open(str(golden_dir / "ella_tiny_golden.safetensors"), "pt") as f:
         reference = {k[len("model."):]: f.get_slice(k).get_shape() for k in f.keys() if k.startswith("model.")}
         config = ELLAConfig.from_dict(json.loads(f.metadata()["config"]))
     save_ella(ELLA(config), tmp_path / "tiny.safetensors")

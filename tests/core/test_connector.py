@@ -16,8 +16,8 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 @pytest.fixture(scope="module")
-def golden(shared_dir):
-    with safe_open(str(shared_dir / "ella" / "ella_tiny_golden.safetensors"), "pt") as f:
+def golden(golden_dir):
+    with safe_open(str(golden_dir / "ella_tiny_golden.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         config = ELLAConfig.from_dict(json.loads(f.metadata()["config"]))
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -35,7 +35,7 @@ try {
   await page.goto(config.server, { waitUntil: "load", timeout: 120000 });
   await waitFor(page, () => window.app?.graph && window.LiteGraph && window.app.canvas, null, 120000);
   // Extensions (ours included) are registered once the node definitions have arrived.
-  await waitFor(page, () => !!window.LiteGraph.registered_node_types["ELLAEncode"], null, 60000);
+  await waitFor(page, () => !!window.LiteGraph.registered_node_types["EllaTSCEncode"], null, 60000);
   report.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
 
   for (const [name, file] of Object.entries(config.workflows)) {
@@ -77,13 +77,13 @@ try {
     report.workflows[name] = seen;
   }
 
-  // Token count on ELLA Encode: point the loader at the test's text encoder, then type a short and a long prompt.
+  // Token count on ELLA Prompt Encode: point the loader at the test's text encoder, then type a short and a long prompt.
   const tokenWorkflow = JSON.parse(fs.readFileSync(config.workflows[config.token_workflow], "utf8"));
   await page.evaluate(async ([wf, encoderName]) => {
     const app = window.app;
     await app.loadGraphData(structuredClone(wf), true, true, "tokens");
     for (const n of app.graph.nodes) {
-      if (n.comfyClass === "ELLATextEncoderLoader") {
+      if (n.comfyClass === "EllaTSCTextEncoderLoader") {
         const w = n.widgets.find((w) => w.name === "model_name");
         w.value = encoderName;
       }
@@ -91,7 +91,7 @@ try {
   }, [tokenWorkflow, config.text_encoder_name]);
 
   const readTokens = (prompt) => page.evaluate(async (prompt) => {
-    const node = window.app.graph.nodes.find((n) => n.comfyClass === "ELLAEncode");
+    const node = window.app.graph.nodes.find((n) => n.comfyClass === "EllaTSCEncode");
     const text = node.widgets.find((w) => w.name === "text");
     text.value = prompt;
     if (text.element) {
@@ -119,11 +119,11 @@ try {
   report.tokens.long = await waitTokens(config.long_prompt);
   // The widgets still serialise exactly as before (the display widget is never saved or queued).
   report.tokens.serialized = await page.evaluate(() => {
-    const n = window.app.graph.serialize().nodes.find((n) => n.type === "ELLAEncode");
+    const n = window.app.graph.serialize().nodes.find((n) => n.type === "EllaTSCEncode");
     return n.widgets_values;
   });
   await page.evaluate(() => {
-    const node = window.app.graph.nodes.find((n) => n.comfyClass === "ELLAEncode");
+    const node = window.app.graph.nodes.find((n) => n.comfyClass === "EllaTSCEncode");
     const canvas = window.app.canvas;
     canvas.ds.scale = 1.0;
     canvas.ds.offset = [-node.pos[0] + 450, -node.pos[1] + 250];

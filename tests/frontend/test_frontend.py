@@ -2,7 +2,7 @@
 
 - every example workflow loads with all node types registered and every link intact, its widgets serialise
   back unchanged, and the frontend's own UI -> API conversion equals scripts/workflow_to_prompt.py's;
-- the web extension shows a live token count on ELLA Encode, equal to the tokenizer's own count, and the
+- the web extension shows a live token count on ELLA Prompt Encode, equal to the tokenizer's own count, and the
   over-limit warning (with the truncated words) for a long prompt;
 - the /ella/tokenize route answers bad requests with 4xx and a message, never a server error.
 
@@ -97,7 +97,7 @@ def test_tokenize_route(server):
     status, flex = _post(server, "/ella/tokenize", {"text": LONG_PROMPT, "model_name": name, "max_length": 128,
                                                     "token_mode": "flexible"})
     assert status == 200 and flex["dropped"] == 0 and flex["kept"] == flex["total"] == long["total"], flex
-    # Weighting syntax is stripped before counting, as ELLA Encode does.
+    # Weighting syntax is stripped before counting, as ELLA Prompt Encode does.
     _, weighted = _post(server, "/ella/tokenize", {"text": "(a red fox:1.3) sitting", "model_name": name})
     assert weighted["total"] == reference_count("a red fox sitting")
     # Bad requests: clear 4xx answers, and the server keeps serving.
@@ -110,7 +110,7 @@ def test_tokenize_route(server):
 
 
 def test_template_browser_lists_examples(server):
-    """ComfyUI serves workflows/ to the template browser, each example once."""
+    """ComfyUI serves example_workflows/ to the template browser, each example once."""
     pack = next((server.base_dir / "custom_nodes").iterdir()).name
     listed = server.get_json("/workflow_templates")[pack]
     assert sorted(listed) == sorted(p.stem for p in example_files()), listed
@@ -172,6 +172,6 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
     assert long["over"] == "1" and "over the limit" in long["dom_text"], long
     assert f"{long['info']['dropped']} tokens truncated" in long["dom_text"]
     assert "FINAL_TAIL_WORDS" in long["info"]["dropped_text"]
-    # The display widget is never saved: ELLA Encode still serialises [text, clip_weight].
+    # The display widget is never saved: ELLA Prompt Encode still serialises [text, clip_weight].
     assert report["tokens"]["serialized"] == [LONG_PROMPT, 1.0], report["tokens"]["serialized"]
     assert Path(config["screenshot"]).stat().st_size > 10_000

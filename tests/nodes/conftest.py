@@ -35,7 +35,7 @@ def server(tiny_base):
     srv.start()
     try:
         info = srv.object_info()
-        missing = [n for n in ("ELLALoader", "ELLAEncode", "ELLATestRecorder", "OtherPackWrapper") if n not in info]
+        missing = [n for n in ("EllaTSCConnectorLoader", "EllaTSCEncode", "ELLATestRecorder", "OtherPackWrapper") if n not in info]
         if missing:
             pytest.fail(f"server did not load nodes {missing}\n{srv.log_tail()}")
         yield srv

@@ -16,18 +16,18 @@ def ella_prompt(*, out_dir: str, positive: str = "a red fox in the snow", negati
                 cfg: float = 5.0, batch: int = 1, denoise: float = 1.0, with_clip: bool = False,
                 clip_negative: bool = False, hook: bool = True, other_pack_dir: str | None = None,
                 seed: int = 1) -> dict:
-    """Checkpoint -> (ELLA Timestep Conditioning) -> recorder -> KSampler with ELLA Encode conds -> SaveImage.
+    """Checkpoint -> (ELLA Timestep Conditioning) -> recorder -> KSampler with ELLA Prompt Encode conds -> SaveImage.
 
     with_clip: the positive also gets the checkpoint's CLIP tokens; clip_negative: negative is plain CLIP.
     hook=False leaves out ELLA Timestep Conditioning (must fail with a clear message).
     """
     g: dict = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tm.CHECKPOINT_NAME}},
-        "ella": {"class_type": "ELLALoader", "inputs": {"ella_name": ella}},
-        "llm": {"class_type": "ELLATextEncoderLoader",
+        "ella": {"class_type": "EllaTSCConnectorLoader", "inputs": {"ella_name": ella}},
+        "llm": {"class_type": "EllaTSCTextEncoderLoader",
                 "inputs": {"model_name": tm.T5_NAME, "dtype": "fp32", "device": "cpu", "token_mode": "fixed",
                            "max_length": 16}},
-        "pos": {"class_type": "ELLAEncode", "inputs": {"text_encoder": ["llm", 0], "ella": ["ella", 0], "text": positive}},
+        "pos": {"class_type": "EllaTSCEncode", "inputs": {"text_encoder": ["llm", 0], "ella": ["ella", 0], "text": positive}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "ella_test"}},
@@ -37,10 +37,10 @@ def ella_prompt(*, out_dir: str, positive: str = "a red fox in the snow", negati
     if clip_negative:
         g["neg"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": negative}}
     else:
-        g["neg"] = {"class_type": "ELLAEncode", "inputs": {"text_encoder": ["llm", 0], "ella": ["ella", 0], "text": negative}}
+        g["neg"] = {"class_type": "EllaTSCEncode", "inputs": {"text_encoder": ["llm", 0], "ella": ["ella", 0], "text": negative}}
     model = ["ckpt", 0]
     if hook:
-        g["hook"] = {"class_type": "ELLATimestepConditioning", "inputs": {"model": model, "ella": ["ella", 0]}}
+        g["hook"] = {"class_type": "EllaTSCTimestepConditioning", "inputs": {"model": model, "ella": ["ella", 0]}}
         model = ["hook", 0]
     if other_pack_dir:
         g["other"] = {"class_type": "OtherPackWrapper", "inputs": {"model": model, "out_dir": other_pack_dir}}

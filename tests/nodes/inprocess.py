@@ -57,7 +57,7 @@ class Env:
     hook: object  # the pack's nodes.hook module
 
     def encode(self, text: str, clip=None, clip_weight: float = 1.0):
-        return self.nodes.ELLAEncode.execute(self.text_encoder, self.connector, text, clip=clip,
+        return self.nodes.EllaTSCEncode.execute(self.text_encoder, self.connector, text, clip=clip,
                                              clip_weight=clip_weight).result[0]
 
     def features(self, text: str) -> torch.Tensor:
@@ -71,7 +71,7 @@ class Env:
 
     def patched(self, model=None):
         """ELLA Timestep Conditioning applied, plus a fresh Recorder (returned)."""
-        m = self.nodes.ELLATimestepConditioning.execute(model or self.model, self.connector).result[0]
+        m = self.nodes.EllaTSCTimestepConditioning.execute(model or self.model, self.connector).result[0]
         rec = Recorder()
         m.add_wrapper_with_key("diffusion_model", "test_recorder", rec)
         return m, rec
@@ -110,8 +110,8 @@ def make_env(base: Path) -> Env:
     hook = sys.modules[f"{PACK_MODULE}.nodes.hook"]
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(models / "checkpoints" / tm.CHECKPOINT_NAME),
                                                                 output_vae=True, output_clip=True)
-    connector = nodes.ELLALoader.execute(tm.ELLA_NAME).result[0]
-    text_encoder = nodes.ELLATextEncoderLoader.execute(tm.T5_NAME, "fp32", "cpu", "fixed", 16).result[0]
+    connector = nodes.EllaTSCConnectorLoader.execute(tm.ELLA_NAME).result[0]
+    text_encoder = nodes.EllaTSCTextEncoderLoader.execute(tm.T5_NAME, "fp32", "cpu", "fixed", 16).result[0]
     return Env(pack, model, clip, vae, connector, text_encoder, nodes, hook)
 
 

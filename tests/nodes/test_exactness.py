@@ -164,8 +164,8 @@ def test_connector_called_once_per_prompt_and_timestep(env, conds, monkeypatch):
 
 def test_clone_is_cheap_and_hook_installed_once(env, conds):
     (c, _) = conds
-    once = env.nodes.ELLATimestepConditioning.execute(env.model, env.connector).result[0]
-    twice = env.nodes.ELLATimestepConditioning.execute(once, env.connector).result[0]
+    once = env.nodes.EllaTSCTimestepConditioning.execute(env.model, env.connector).result[0]
+    twice = env.nodes.EllaTSCTimestepConditioning.execute(once, env.connector).result[0]
     for wrapper_type in ("calc_cond_batch", "outer_sample"):
         assert len(twice.wrappers[wrapper_type]["ella"]) == 1
     clone = twice.clone()
@@ -204,12 +204,12 @@ def test_encoding_cache(env):
 def test_width_mismatch_messages(env, tiny_base):
     from tests.nodes.conftest import NARROW_LLM_ELLA, WIDE_ELLA
 
-    wide = env.nodes.ELLALoader.execute(WIDE_ELLA).result[0]
+    wide = env.nodes.EllaTSCConnectorLoader.execute(WIDE_ELLA).result[0]
     with pytest.raises(ValueError, match=r"512.*768"):
-        env.nodes.ELLATimestepConditioning.execute(env.model, wide)
-    narrow = env.nodes.ELLALoader.execute(NARROW_LLM_ELLA).result[0]
+        env.nodes.EllaTSCTimestepConditioning.execute(env.model, wide)
+    narrow = env.nodes.EllaTSCConnectorLoader.execute(NARROW_LLM_ELLA).result[0]
     with pytest.raises(ValueError, match=r"64.*32"):
-        env.nodes.ELLAEncode.execute(env.text_encoder, narrow, "a prompt")
+        env.nodes.EllaTSCEncode.execute(env.text_encoder, narrow, "a prompt")
 
 
 def test_controlnet_gets_the_same_context_as_the_unet(env, conds, tiny_base):
@@ -276,13 +276,13 @@ def test_sdxl_context_and_pooled_vector_every_call(env, tiny_base):
 
     tm.write_tiny_ella(tiny_base / "models", "tiny_ella_sdxl.safetensors", width=2048, pooled_dim=1280,
                        base_model="sdxl")
-    connector = env.nodes.ELLALoader.execute("tiny_ella_sdxl.safetensors").result[0]
+    connector = env.nodes.EllaTSCConnectorLoader.execute("tiny_ella_sdxl.safetensors").result[0]
     sdxl = tiny_sdxl_model()
-    pos = env.nodes.ELLAEncode.execute(env.text_encoder, connector, "a glass teapot").result[0]
-    neg = env.nodes.ELLAEncode.execute(env.text_encoder, connector, "").result[0]
+    pos = env.nodes.EllaTSCEncode.execute(env.text_encoder, connector, "a glass teapot").result[0]
+    neg = env.nodes.EllaTSCEncode.execute(env.text_encoder, connector, "").result[0]
     with pytest.raises(ValueError, match=r"2048.*768"):  # and an SDXL connector on SD1.5 is refused
-        env.nodes.ELLATimestepConditioning.execute(env.model, connector)
-    model = env.nodes.ELLATimestepConditioning.execute(sdxl, connector).result[0]
+        env.nodes.EllaTSCTimestepConditioning.execute(env.model, connector)
+    model = env.nodes.EllaTSCTimestepConditioning.execute(sdxl, connector).result[0]
     from tests.nodes.inprocess import Recorder
 
     rec = Recorder()
@@ -349,10 +349,10 @@ def test_models_are_managed(env, conds):
 def test_flexible_token_mode_prompts_of_different_lengths(env):
     """Flexible mode: prompts keep their own token counts (no padding, no repetition of features); positive
     and negative of different lengths still batch (the contexts have a fixed token count) and stay exact."""
-    flexible = env.nodes.ELLATextEncoderLoader.execute("tiny-t5", "fp32", "cpu", "flexible", 64).result[0]
+    flexible = env.nodes.EllaTSCTextEncoderLoader.execute("tiny-t5", "fp32", "cpu", "flexible", 64).result[0]
     long_text, short_text = "a very long prompt about a harbour with many boats at sunrise", "dark"
-    pos = env.nodes.ELLAEncode.execute(flexible, env.connector, long_text).result[0]
-    neg = env.nodes.ELLAEncode.execute(flexible, env.connector, short_text).result[0]
+    pos = env.nodes.EllaTSCEncode.execute(flexible, env.connector, long_text).result[0]
+    neg = env.nodes.EllaTSCEncode.execute(flexible, env.connector, short_text).result[0]
     feats = {0: pos[0][1]["model_conds"]["ella"].cond.features, 1: neg[0][1]["model_conds"]["ella"].cond.features}
     direct = {0: flexible.encoder.encode([long_text], mode="flexible", max_length=64).features,
               1: flexible.encoder.encode([short_text], mode="flexible", max_length=64).features}

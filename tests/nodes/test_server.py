@@ -16,7 +16,7 @@ from tests.nodes.graphs import assert_contexts_exact, connector_reference, ella_
 from tests.support import tiny_models as tm
 from tests.support.comfy_server import PromptFailed
 
-NODE_IDS = ("ELLALoader", "ELLATextEncoderLoader", "ELLAEncode", "ELLATimestepConditioning")
+NODE_IDS = ("EllaTSCConnectorLoader", "EllaTSCTextEncoderLoader", "EllaTSCEncode", "EllaTSCTimestepConditioning")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,10 @@ def test_nodes_schema(server):
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         for name, spec in inputs.items():
             assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert tm.ELLA_NAME in info["ELLALoader"]["input"]["required"]["ella_name"][1]["options"]
-    assert tm.T5_NAME in info["ELLATextEncoderLoader"]["input"]["required"]["model_name"][1]["options"]
-    assert info["ELLAEncode"]["output"] == ["CONDITIONING"]
-    assert info["ELLATimestepConditioning"]["output"] == ["MODEL"]
+    assert tm.ELLA_NAME in info["EllaTSCConnectorLoader"]["input"]["required"]["ella_name"][1]["options"]
+    assert tm.T5_NAME in info["EllaTSCTextEncoderLoader"]["input"]["required"]["model_name"][1]["options"]
+    assert info["EllaTSCEncode"]["output"] == ["CONDITIONING"]
+    assert info["EllaTSCTimestepConditioning"]["output"] == ["MODEL"]
 
 
 def test_exact_context_every_call_with_other_pack_wrappers(server, reference, tmp_path):

@@ -285,7 +285,7 @@ folder_paths.add_model_folder_path("ella", {str(models)!r}, is_default=True)
 from tests.nodes.inprocess import load_pack, PACK_MODULE
 load_pack()
 nodes = sys.modules[PACK_MODULE + ".nodes.ella_nodes"]
-managed = nodes.ELLALoader.execute("trained.safetensors").result[0]
+managed = nodes.EllaTSCConnectorLoader.execute("trained.safetensors").result[0]
 from safetensors.torch import load_file
 saved = load_file({str(out / 'ella.safetensors')!r})
 state = managed.module.state_dict()

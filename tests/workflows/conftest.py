@@ -6,7 +6,7 @@ import pytest
 from tests.support.comfy_server import ComfyServer
 from tests.workflows.examples import tiny_models_base
 
-NODES = ("ELLALoader", "ELLATextEncoderLoader", "ELLAEncode", "ELLATimestepConditioning")
+NODES = ("EllaTSCConnectorLoader", "EllaTSCTextEncoderLoader", "EllaTSCEncode", "EllaTSCTimestepConditioning")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from tests.support.tiny_models import write_all, write_tiny_controlnet  # noqa: 
 from tests.workflows.extra_models import write_tiny_lora  # noqa: E402
 from workflow_to_prompt import set_model_files  # noqa: E402
 
-WORKFLOW_DIR = ROOT / "workflows"
+WORKFLOW_DIR = ROOT / "example_workflows"
 TEST_SIZE = 128  # pixels; the examples use 512, the tiny UNet needs no more to show the graph runs
 
 

@@ -28,12 +28,12 @@ EXPECTED = {  # file -> node types it must contain (the feature each example sho
     "ella_regional_sd15.json": {"ConditioningSetArea", "ConditioningCombine"},
     "ella_sampler_custom_ays_sd15.json": {"SamplerCustom", "AlignYourStepsScheduler"},
 }
-OURS = {"ELLALoader", "ELLATextEncoderLoader", "ELLAEncode", "ELLATimestepConditioning"}
+OURS = {"EllaTSCConnectorLoader", "EllaTSCTextEncoderLoader", "EllaTSCEncode", "EllaTSCTimestepConditioning"}
 
 
 def test_example_set_is_complete():
     names = {p.name for p in example_files()}
-    assert names == set(EXPECTED), f"workflows/ holds {sorted(names)}"
+    assert names == set(EXPECTED), f"example_workflows/ holds {sorted(names)}"
     for path in example_files():
         wf = json.loads(path.read_text())
         types = {n["type"] for n in wf["nodes"]}
@@ -48,7 +48,7 @@ def test_committed_files_match_generator(object_info):
     for name, wf in generated.items():
         committed = (WORKFLOW_DIR / name).read_text(encoding="utf-8")
         assert committed == builder.dumps(wf), (
-            f"workflows/{name} is out of date with the nodes' /object_info: run "
+            f"example_workflows/{name} is out of date with the nodes' /object_info: run "
             f"python scripts/build_example_workflows.py --server <url>")
 
 
@@ -109,9 +109,9 @@ def test_converter_bypass_and_mute(object_info):
     lora["mode"] = 4
     prompt = workflow_to_prompt(wf, object_info)
     assert str(lora["id"]) not in prompt
-    hook = next(v for v in prompt.values() if v["class_type"] == "ELLATimestepConditioning")
+    hook = next(v for v in prompt.values() if v["class_type"] == "EllaTSCTimestepConditioning")
     assert hook["inputs"]["model"] == [str(ckpt["id"]), 0]
-    enc = next(v for v in prompt.values() if v["class_type"] == "ELLAEncode")
+    enc = next(v for v in prompt.values() if v["class_type"] == "EllaTSCEncode")
     assert enc["inputs"]["clip"] == [str(ckpt["id"]), 1]
     next(n for n in wf["nodes"] if n["type"] == "SaveImage")["mode"] = 2
     assert not any(v["class_type"] == "SaveImage" for v in workflow_to_prompt(wf, object_info).values())

@@ -29,7 +29,7 @@ def test_offline_demo_end_to_end(tmp_path):
     assert image.is_file() and base in image.parents, proc.stdout[-2000:]
     with Image.open(image) as img:
         assert img.format == "PNG" and img.size == (64, 64)
-    assert (base / "custom_nodes" / "comfyui-ella").resolve() == ROOT
+    assert (base / "custom_nodes" / "ella-tsc").resolve() == ROOT
 
 
 def test_weights_under_the_real_names_are_used(tmp_path):

@@ -1,4 +1,4 @@
-// Live token count under the text of every "ELLA Encode" node.
+// Live token count under the text of every "ELLA Prompt Encode" node.
 //
 // The count needs the tokenizer of the text encoder actually connected to the node, so the extension follows the
 // `text_encoder` link to the "Load ELLA Text Encoder" node, reads its model_name / token_mode / max_length widgets,
@@ -7,8 +7,8 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
-const ENCODE_NODE = "ELLAEncode";
-const LOADER_NODE = "ELLATextEncoderLoader";
+const ENCODE_NODE = "EllaTSCEncode";
+const LOADER_NODE = "EllaTSCTextEncoderLoader";
 const DEBOUNCE_MS = 350;
 const POLL_MS = 700; // catches changes that fire no event (loader widgets, rewiring, loading a workflow)
 
