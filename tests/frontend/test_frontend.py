@@ -123,7 +123,7 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
     modules = _need_browser()
     workflows = {p.stem: str(p) for p in example_files()}
     config = {
-        "server": server.url, "workflows": workflows, "token_workflow": "ella_txt2img_sd15",
+        "server": server.url, "workflows": workflows, "token_workflow": "ELLA text to image (SD1.5)",
         "user_data_dir": str(tmp_path / "chromium-profile"), "screenshot": str(tmp_path / "ella_encode.png"),
         "text_encoder_name": server.tiny.text_encoder, "short_prompt": SHORT_PROMPT, "long_prompt": LONG_PROMPT,
         "out": str(tmp_path / "report.json"),

@@ -3,7 +3,10 @@
 // The count needs the tokenizer of the text encoder actually connected to the node, so the extension follows the
 // `text_encoder` link to the "Load ELLA Text Encoder" node, reads its model_name / token_mode / max_length widgets,
 // and asks the server (POST /ella/tokenize, nodes/routes.py). Requests are debounced; the server caches tokenizers.
-// In fixed mode a prompt longer than max_length is truncated: the widget turns red and shows the dropped words.
+// In fixed mode a prompt longer than max_length is truncated: the widget turns red and shows the dropped words;
+// the text wraps and the node grows to show all of it. Until the server answers (the first request for an encoder
+// loads its tokenizer, which can take seconds) the widget says it is counting, never that nothing is connected.
+// The widget's state is also in `data-state` (pending, ok, over, error, unconnected) for styling and tests.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -11,6 +14,10 @@ const ENCODE_NODE = "EllaTSCEncode";
 const LOADER_NODE = "EllaTSCTextEncoderLoader";
 const DEBOUNCE_MS = 350;
 const POLL_MS = 700; // catches changes that fire no event (loader widgets, rewiring, loading a workflow)
+const MIN_HEIGHT = 22;
+const COLORS = { ok: "var(--descrip-text, #999)", pending: "var(--descrip-text, #999)", over: "#ff6b6b",
+                 error: "#d9a441", unconnected: "#d9a441" };
+const seenEncoders = new Set(); // encoders whose tokenizer the server has loaded in this page's lifetime
 
 function getLink(graph, id) {
   if (id == null) return null;
@@ -39,10 +46,17 @@ function widgetValue(node, name) {
   return node?.widgets?.find((w) => w.name === name)?.value;
 }
 
+/** {text, state} shown for a tokenize answer (or {pending}, {unconnected}, {error}). */
 function describe(result) {
-  if (result.error) return { text: `tokens: ${result.error}`, over: false, error: true };
+  if (result.pending) {
+    return { text: seenEncoders.has(result.model_name) ? "tokens: counting…"
+                                                       : `tokens: loading the tokenizer of ${result.model_name}…`,
+             state: "pending" };
+  }
+  if (result.unconnected) return { text: "tokens: connect a Load ELLA Text Encoder node", state: "unconnected" };
+  if (result.error) return { text: `tokens: ${result.error}`, state: "error" };
   if (result.mode === "flexible" || result.max_length == null) {
-    return { text: `${result.total} tokens (flexible length, nothing truncated)`, over: false };
+    return { text: `${result.total} tokens (flexible length, nothing truncated)`, state: "ok" };
   }
   const over = result.dropped > 0;
   let text = `${result.total} / ${result.max_length} tokens`;
@@ -50,7 +64,21 @@ function describe(result) {
     const tail = result.dropped_text.length > 160 ? result.dropped_text.slice(0, 160) + "…" : result.dropped_text;
     text += ` — over the limit: ${result.dropped} tokens truncated: "${tail}"`;
   }
-  return { text, over };
+  return { text, state: over ? "over" : "ok" };
+}
+
+/** Height in CSS pixels that `el`'s text needs at its current width (measured on an off-screen copy). */
+function neededHeight(el) {
+  const width = el.clientWidth || el.offsetWidth;
+  if (!width) return MIN_HEIGHT;
+  const probe = el.cloneNode(true);
+  probe.style.cssText = el.style.cssText;
+  Object.assign(probe.style, { position: "absolute", visibility: "hidden", left: "-10000px", top: "0",
+                               width: `${width}px`, height: "auto", maxHeight: "none", transform: "none" });
+  document.body.appendChild(probe);
+  const h = Math.ceil(probe.getBoundingClientRect().height);
+  probe.remove();
+  return Math.max(MIN_HEIGHT, h + 2);
 }
 
 function attach(node) {
@@ -58,18 +86,30 @@ function attach(node) {
   if (!textWidget) return;
   const el = document.createElement("div");
   el.className = "ella-token-count";
-  el.style.cssText =
-    "font: 11px monospace; padding: 2px 6px; white-space: normal; overflow: hidden; color: var(--descrip-text, #999);";
+  el.style.cssText = "font: 11px monospace; padding: 2px 6px; white-space: normal; overflow-wrap: anywhere; " +
+    "box-sizing: border-box; overflow: hidden; color: var(--descrip-text, #999);";
   el.textContent = "tokens: …";
+  el.dataset.state = "pending";
+  let height = MIN_HEIGHT; // what the current text needs; the node is grown to fit it
   const widget = node.addDOMWidget("ella_token_count", "ella_token_count", el, {
     serialize: false, // display only: never saved into widgets_values nor sent to /prompt
     hideOnZoom: false,
     getValue: () => undefined,
     setValue: () => {},
-    getMinHeight: () => 22,
-    getMaxHeight: () => 64,
+    getMinHeight: () => height,
+    getMaxHeight: () => height,
   });
   widget.serialize = false;
+
+  /** Wrap the text and grow the node until all of it shows (never shrinks the user's size below the text). */
+  const fit = () => {
+    const need = neededHeight(el);
+    if (need === height) return;
+    height = need;
+    const size = node.computeSize?.();
+    if (size && size[1] > node.size[1]) node.setSize([node.size[0], size[1]]);
+    node.setDirtyCanvas?.(true, true);
+  };
 
   let lastKey = null;
   let timer = null;
@@ -78,10 +118,12 @@ function attach(node) {
   const show = (result) => {
     const d = describe(result);
     el.textContent = d.text;
-    el.style.color = d.over ? "#ff6b6b" : d.error ? "#d9a441" : "var(--descrip-text, #999)";
-    el.dataset.over = d.over ? "1" : "0";
-    node.ellaTokenInfo = result; // for tests and other extensions
-    node.setDirtyCanvas?.(true, true);
+    el.style.color = COLORS[d.state];
+    el.dataset.state = d.state;
+    el.dataset.over = d.state === "over" ? "1" : "0";
+    if (!result.pending) node.ellaTokenInfo = result; // for tests and other extensions
+    fit();
+    requestAnimationFrame(fit); // again once the frontend has laid the widget out at the node's width
   };
 
   const request = async (payload, mySeq) => {
@@ -90,6 +132,7 @@ function attach(node) {
       const resp = await api.fetchApi("/ella/tokenize", { method: "POST", body: JSON.stringify(payload) });
       const body = await resp.json().catch(() => ({ error: `HTTP ${resp.status}` }));
       result = resp.ok ? body : { error: body.error ?? `HTTP ${resp.status}` };
+      if (resp.ok) seenEncoders.add(payload.model_name);
     } catch (e) {
       result = { error: String(e) };
     }
@@ -102,7 +145,8 @@ function attach(node) {
       if (lastKey !== "unconnected") {
         lastKey = "unconnected";
         seq++;
-        show({ error: "connect a Load ELLA Text Encoder node" });
+        clearTimeout(timer);
+        show({ unconnected: true });
       }
       return;
     }
@@ -117,6 +161,7 @@ function attach(node) {
     lastKey = key;
     const mySeq = ++seq;
     clearTimeout(timer);
+    show({ ...payload, pending: true });
     timer = setTimeout(() => request(payload, mySeq), DEBOUNCE_MS);
   };
 
@@ -129,7 +174,8 @@ function attach(node) {
     clearTimeout(timer);
     return onRemoved?.apply(this, arguments);
   };
-  refresh();
+  // nodeCreated runs while a workflow is being configured, before its links exist: look once it is done.
+  setTimeout(refresh, 0);
 }
 
 app.registerExtension({
