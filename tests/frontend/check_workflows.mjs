@@ -77,18 +77,47 @@ try {
     report.workflows[name] = seen;
   }
 
-  // Token count on ELLA Prompt Encode: point the loader at the test's text encoder, then type a short and a long prompt.
+  // Token count on ELLA Prompt Encode: the loader selects the test's text encoder (set in the file before
+  // loading, as a user's saved workflow would). The server's answers are held back 1.5 s, as a first tokenizer
+  // load can take, and every state each counter shows meanwhile is recorded (a 20 ms poll of the DOM).
   const tokenWorkflow = JSON.parse(fs.readFileSync(config.workflows[config.token_workflow], "utf8"));
-  await page.evaluate(async ([wf, encoderName]) => {
-    const app = window.app;
-    await app.loadGraphData(structuredClone(wf), true, true, "tokens");
-    for (const n of app.graph.nodes) {
-      if (n.comfyClass === "EllaTSCTextEncoderLoader") {
-        const w = n.widgets.find((w) => w.name === "model_name");
-        w.value = encoderName;
+  for (const n of tokenWorkflow.nodes) {
+    if (n.type === "EllaTSCTextEncoderLoader") n.widgets_values[0] = config.text_encoder_name;
+  }
+  await page.evaluate(() => {
+    const realFetch = window.fetch;
+    window.fetch = async (...args) => {
+      const url = String(args[0]?.url ?? args[0]);
+      if (url.includes("/ella/tokenize") && window.__ellaDelayMs) {
+        await new Promise((r) => setTimeout(r, window.__ellaDelayMs));
       }
-    }
-  }, [tokenWorkflow, config.text_encoder_name]);
+      return realFetch(...args);
+    };
+    window.__ellaDelayMs = 1500;
+    window.__ellaStates = [];
+    const last = new Map();
+    window.__ellaPoll = setInterval(() => {
+      document.querySelectorAll(".ella-token-count").forEach((el, i) => {
+        const seen = `${el.dataset.state}|${el.textContent}`;
+        if (last.get(el) !== seen) {
+          last.set(el, seen);
+          window.__ellaStates.push({ el: i, state: el.dataset.state, text: el.textContent });
+        }
+      });
+    }, 20);
+  });
+  await page.evaluate(async (wf) => {
+    await window.app.loadGraphData(structuredClone(wf), true, true, "tokens");
+  }, tokenWorkflow);
+  await waitFor(page, () => {
+    const els = [...document.querySelectorAll(".ella-token-count")];
+    return els.length > 0 && els.every((el) => el.dataset.state === "ok");
+  }, null, 60000);
+  report.tokens.first_load = await page.evaluate(() => {
+    clearInterval(window.__ellaPoll);
+    window.__ellaDelayMs = 0;
+    return window.__ellaStates;
+  });
 
   const readTokens = (prompt) => page.evaluate(async (prompt) => {
     const node = window.app.graph.nodes.find((n) => n.comfyClass === "EllaTSCEncode");
@@ -110,13 +139,26 @@ try {
     }, [id, prompt], 60000);
     return page.evaluate((id) => {
       const node = window.app.graph.getNodeById(id);
-      const el = node.widgets.find((w) => w.name === "ella_token_count")?.element;
+      const widget = node.widgets.find((w) => w.name === "ella_token_count");
+      const el = widget?.element;
       return { info: node.ellaTokenInfo, dom_text: el?.textContent ?? null, over: el?.dataset?.over ?? null,
-               visible: !!el && el.isConnected && el.offsetParent !== null };
+               state: el?.dataset?.state ?? null,
+               visible: !!el && el.isConnected && el.offsetParent !== null,
+               // Clipping: the text's own height vs the box it is given, and the widget's bottom vs the node's.
+               scroll_height: el?.scrollHeight, client_height: el?.clientHeight,
+               widget_bottom: (widget?.y ?? 0) + (widget?.computedHeight ?? 0), node_height: node.size[1] };
     }, id);
   };
   report.tokens.short = await waitTokens(config.short_prompt);
   report.tokens.long = await waitTokens(config.long_prompt);
+  await page.waitForTimeout(500); // the node grows on the next frame
+  report.tokens.long = { ...report.tokens.long, ...(await page.evaluate(() => {
+    const node = window.app.graph.nodes.find((n) => n.comfyClass === "EllaTSCEncode");
+    const widget = node.widgets.find((w) => w.name === "ella_token_count");
+    const el = widget.element;
+    return { scroll_height: el.scrollHeight, client_height: el.clientHeight,
+             widget_bottom: widget.y + widget.computedHeight, node_height: node.size[1] };
+  })) };
   // The widgets still serialise exactly as before (the display widget is never saved or queued).
   report.tokens.serialized = await page.evaluate(() => {
     const n = window.app.graph.serialize().nodes.find((n) => n.type === "EllaTSCEncode");

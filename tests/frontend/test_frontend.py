@@ -16,10 +16,12 @@ import os
 import shutil
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.support.comfy_server import ComfyServer
 from tests.support.tiny_models import t5_tokenizer_dir, write_all
@@ -115,7 +117,7 @@ def test_template_browser_lists_examples(server):
     listed = server.get_json("/workflow_templates")[pack]
     assert sorted(listed) == sorted(p.stem for p in example_files()), listed
     for name in listed:
-        served = server.get_json(f"/api/workflow_templates/{pack}/{name}.json")
+        served = server.get_json(f"/api/workflow_templates/{pack}/{urllib.parse.quote(name)}.json")
         assert served == json.loads((example_files()[0].parent / f"{name}.json").read_text())
 
 
@@ -165,6 +167,19 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
                 f"{name}: node {node_id} ({entry['class_type']}): ours {entry['inputs']} vs frontend's "
                 f"{theirs[node_id]['inputs']}")
 
+    # While the first tokenizer loads (answers held back 1.5 s), every counter says so; none ever claims that no
+    # text encoder is connected, and each ends on the count.
+    states = report["tokens"]["first_load"]
+    counters = sorted({s["el"] for s in states})
+    assert len(counters) == 2, states  # positive and negative prompt
+    for i in counters:
+        seq = [s for s in states if s["el"] == i]
+        kinds = [s["state"] for s in seq]
+        assert "unconnected" not in kinds and "error" not in kinds, seq
+        assert kinds[-1] == "ok" and "pending" in kinds[:-1], seq
+        assert any(f"loading the tokenizer of {server.tiny.text_encoder}" in s["text"] for s in seq
+                   if s["state"] == "pending"), seq
+
     short, long = report["tokens"]["short"], report["tokens"]["long"]
     assert short["info"]["total"] == reference_count(SHORT_PROMPT) and short["over"] == "0", short
     assert f"{short['info']['total']} / {MAX_LENGTH} tokens" in short["dom_text"] and short["visible"], short
@@ -172,6 +187,93 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
     assert long["over"] == "1" and "over the limit" in long["dom_text"], long
     assert f"{long['info']['dropped']} tokens truncated" in long["dom_text"]
     assert "FINAL_TAIL_WORDS" in long["info"]["dropped_text"]
+    # The warning wraps and the node grows: its text fits its box, and the box fits in the node.
+    assert long["state"] == "over" and long["client_height"] > 22, long
+    assert long["scroll_height"] <= long["client_height"] + 1, long
+    assert long["widget_bottom"] <= long["node_height"] + 1, long
     # The display widget is never saved: ELLA Prompt Encode still serialises [text, clip_weight].
     assert report["tokens"]["serialized"] == [LONG_PROMPT, 1.0], report["tokens"]["serialized"]
     assert Path(config["screenshot"]).stat().st_size > 10_000
+
+
+# ---- what a new user sees: template browser, Missing Models dialog, node search ------------------------------
+PACK_DIR = "ella-tsc"  # the folder name a registry or git install gives the pack (the template browser's label)
+# Every file the examples' loaders select, as "<folder> / <file>" (the Missing Models dialog's labels).
+MAIN_FILES = {"checkpoints / v1-5-pruned-emaonly-fp16.safetensors", "ella / ella-sd1.5-tsc-t5xl.safetensors",
+              "text_encoders / flan-t5-xl-encoder-fp16.safetensors"}
+CONTROLNET_FILE = "controlnet / control_v11p_sd15_canny_fp16.safetensors"
+
+
+class InstalledPackServer(ComfyServer):
+    """A real server with the pack installed as custom_nodes/ella-tsc (the name users get), nothing else."""
+
+    def _install_packs(self) -> None:
+        custom = self.base_dir / "custom_nodes"
+        custom.mkdir(parents=True, exist_ok=True)
+        (custom / PACK_DIR).symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
+
+
+@pytest.fixture(scope="module")
+def empty_models_server(tmp_path_factory):
+    """No model files at all, default settings (Missing Models warning on) but the first-run tutorial done."""
+    base = tmp_path_factory.mktemp("comfy-new-user")
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    srv = InstalledPackServer(base)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_template_browser_missing_models_and_search(empty_models_server, tmp_path):
+    modules = _need_browser()
+    workflows = {p.stem: str(p) for p in example_files()}
+    first = "ELLA text to image (SD1.5)"
+    config = {
+        "server": empty_models_server.url, "pack": PACK_DIR, "workflows": workflows, "first": first,
+        "searches": ["T5", "LLM"], "user_data_dir": str(tmp_path / "chromium-profile"),
+        "templates_png": str(tmp_path / "template_browser.png"), "missing_png": str(tmp_path / "missing_models.png"),
+        "out": str(tmp_path / "report.json"),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run(["node", str(HERE / "check_templates.mjs"), str(tmp_path / "config.json")],
+                          env=dict(os.environ, ELLA_NODE_MODULES=modules), capture_output=True, text=True,
+                          timeout=400)
+    assert Path(config["out"]).is_file(), f"node script wrote no report:\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(Path(config["out"]).read_text())
+    assert "fatal" not in report, report.get("fatal")
+    print(f"screenshots: {config['templates_png']} {config['missing_png']}")
+    keep = os.environ.get("ELLA_SCREENSHOT_DIR")  # e.g. docs/img, to refresh the pictures in docs/workflows.md
+    if keep:
+        for key in ("templates_png", "missing_png"):
+            shutil.copy(config[key], Path(keep) / Path(config[key]).name)
+    assert not report["page_errors"], report["page_errors"]
+
+    # Template browser: one card per example, titled by its (readable) name, its thumbnail served and shown.
+    cards = {c["id"]: c for c in report["cards"]}
+    assert set(cards) == set(workflows), sorted(cards)
+    for name, card in cards.items():
+        assert card["lines"][0] == name and " " in name and "_" not in name and name.startswith("ELLA"), card
+        assert report["thumbnails"].get(name) == {"status": 200, "type": "image/jpeg"}, (name, report["thumbnails"])
+        with Image.open(Path(workflows[name]).with_suffix(".jpg")) as img:
+            assert img.format == "JPEG" and img.size[0] == img.size[1] >= 256, (name, img.size)
+            width = img.size[0]
+        # The card shows it (the frontend loads it into a blob: URL), not its 224-pixel placeholder.
+        assert [i["width"] for i in card["images"]] == [width], card
+        assert not any("default-template" in i["src"] for i in card["images"]), card
+
+    # Missing Models: every example offers every file its loaders select, each with an enabled Download.
+    assert set(report["missing"]) == set(workflows)
+    for name, rows in report["missing"].items():
+        labels = {r["label"] for r in rows}
+        expected = MAIN_FILES | ({CONTROLNET_FILE} if "ControlNet" in name else set())
+        assert labels == expected, (name, rows)
+        assert all(r["error"] is None and r["download_enabled"] for r in rows), (name, rows)
+
+    # Search: "T5" and "LLM" both list the loader, and picking it adds an EllaTSCTextEncoderLoader.
+    for query, seen in report["search"].items():
+        assert any("Load ELLA Text Encoder (T5 / LLM)" in o for o in seen["options"]), (query, seen)
+        assert seen["added"] == ["EllaTSCTextEncoderLoader"], (query, seen)

@@ -15,6 +15,7 @@ const LOADER_NODE = "EllaTSCTextEncoderLoader";
 const DEBOUNCE_MS = 350;
 const POLL_MS = 700; // catches changes that fire no event (loader widgets, rewiring, loading a workflow)
 const MIN_HEIGHT = 22;
+const MARGIN = 4;
 const COLORS = { ok: "var(--descrip-text, #999)", pending: "var(--descrip-text, #999)", over: "#ff6b6b",
                  error: "#d9a441", unconnected: "#d9a441" };
 const seenEncoders = new Set(); // encoders whose tokenizer the server has loaded in this page's lifetime
@@ -67,18 +68,20 @@ function describe(result) {
   return { text, state: over ? "over" : "ok" };
 }
 
-/** Height in CSS pixels that `el`'s text needs at its current width (measured on an off-screen copy). */
+/** Height in CSS pixels that `el`'s text needs at its current width: measured on a hidden copy laid out beside it
+ * (same styles and fonts), and never less than what the element itself overflows to. */
 function neededHeight(el) {
   const width = el.clientWidth || el.offsetWidth;
   if (!width) return MIN_HEIGHT;
   const probe = el.cloneNode(true);
-  probe.style.cssText = el.style.cssText;
-  Object.assign(probe.style, { position: "absolute", visibility: "hidden", left: "-10000px", top: "0",
-                               width: `${width}px`, height: "auto", maxHeight: "none", transform: "none" });
-  document.body.appendChild(probe);
-  const h = Math.ceil(probe.getBoundingClientRect().height);
+  Object.assign(probe.style, { position: "absolute", visibility: "hidden", pointerEvents: "none", left: "0",
+                               top: "0", width: `${width}px`, height: "auto", minHeight: "0", maxHeight: "none",
+                               transform: "none" });
+  (el.parentElement ?? document.body).appendChild(probe);
+  const measured = probe.scrollHeight;
   probe.remove();
-  return Math.max(MIN_HEIGHT, h + 2);
+  const overflow = el.scrollHeight > el.clientHeight + 1 ? el.scrollHeight : 0;
+  return Math.max(MIN_HEIGHT, measured + 2, overflow + 2);
 }
 
 function attach(node) {
@@ -91,13 +94,16 @@ function attach(node) {
   el.textContent = "tokens: …";
   el.dataset.state = "pending";
   let height = MIN_HEIGHT; // what the current text needs; the node is grown to fit it
+  // The frontend gives a DOM widget's element its layout height minus `margin` above and below.
+  const slot = () => height + 2 * MARGIN;
   const widget = node.addDOMWidget("ella_token_count", "ella_token_count", el, {
     serialize: false, // display only: never saved into widgets_values nor sent to /prompt
     hideOnZoom: false,
+    margin: MARGIN,
     getValue: () => undefined,
     setValue: () => {},
-    getMinHeight: () => height,
-    getMaxHeight: () => height,
+    getMinHeight: slot,
+    getMaxHeight: slot,
   });
   widget.serialize = false;
 
@@ -168,6 +174,11 @@ function attach(node) {
   // Typing fires `input` on the textarea; everything else is caught by the poll.
   textWidget.element?.addEventListener?.("input", refresh);
   const poll = setInterval(refresh, POLL_MS);
+  const onResize = node.onResize; // a narrower node wraps the text onto more lines
+  node.onResize = function () {
+    requestAnimationFrame(fit);
+    return onResize?.apply(this, arguments);
+  };
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
     clearInterval(poll);
