@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -46,12 +47,12 @@ def loud(lines: list[str]) -> None:
 
 # ---- where things live --------------------------------------------------------------------------------------
 def is_ella_tsc_checkout(path: Path) -> bool:
-    """True when `path` is a copy of this pack (any clone): its pyproject.toml names the project ella-tsc."""
+    """True when `path` is a copy of this pack (any clone): its pyproject.toml's [project] name is ella-tsc."""
     try:
-        text = (path / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
+        project = tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8")).get("project", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
-    return any(line.strip().replace(" ", "") == f'name="{PACK_LINK_NAME}"' for line in text.splitlines())
+    return project.get("name") == PACK_LINK_NAME
 
 
 def link_pack(custom_nodes: Path) -> Path:

@@ -1,6 +1,8 @@
 """Helpers to run the example workflows on a real ComfyUI server with tiny models (tests/workflows, tests/frontend)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,7 +52,6 @@ def substitute_tiny(prompt: dict, names: dict, size: int = TEST_SIZE, steps: int
     return prompt
 
 
-
 def tiny_models_base(base: Path) -> dict:
     """Fill `base` (a ComfyUI base directory) with tiny models for every loader the examples use; returns
     role -> file name as the loaders list them."""
@@ -63,3 +64,15 @@ def tiny_models_base(base: Path) -> dict:
     }
     write_input_image(base / "input" / "example.png")
     return names
+
+
+def copy_checkout(dest: Path) -> Path:
+    """A copy of this checkout's files as a fresh clone of the current tree would have them (tracked and new
+    files, not ignored ones such as caches), without its .git."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest

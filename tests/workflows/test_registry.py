@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tomllib
 import zipfile
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.workflows.examples import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -66,13 +67,7 @@ def _comfy(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     """The checkout's files (tracked and new, minus ignored) in a fresh git repository, plus a stray cache."""
-    dest = tmp_path_factory.mktemp("clone") / "ella-tsc"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
+    dest = copy_checkout(tmp_path_factory.mktemp("clone") / "ella-tsc")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     (dest / "nodes" / "__pycache__").mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.support.tiny_models import write_tiny_ella, write_tiny_sd15_checkpoint, write_tiny_t5
+from tests.workflows.examples import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,18 +52,6 @@ def test_weights_under_the_real_names_are_used(tmp_path):
         assert img.format == "PNG" and img.size == (64, 64)
 
 
-def _copy_checkout(dest: Path) -> Path:
-    """A second copy of this checkout, as `git clone` of the current tree would give (tracked and new files)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 def _main_job(checkout: Path, base: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "scripts/run_example.sh", "--base-directory", str(base), "--size", "64",
                            "--steps", "1"], cwd=checkout, env=_env(), capture_output=True, text=True, timeout=500)
@@ -87,7 +76,7 @@ def test_two_clones_one_after_the_other(tmp_path):
     reference = base / "custom_nodes" / "comfyui-ella"  # a user's copy of the reference pack, never ours
     reference.mkdir(parents=True)
     (reference / "__init__.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
-    clone_a, clone_b = _copy_checkout(tmp_path / "a" / "ella-tsc"), _copy_checkout(tmp_path / "b" / "ella-tsc")
+    clone_a, clone_b = copy_checkout(tmp_path / "a" / "ella-tsc"), copy_checkout(tmp_path / "b" / "ella-tsc")
     link = base / "custom_nodes" / "ella-tsc"
 
     first = _png_of(_main_job(clone_a, base))
