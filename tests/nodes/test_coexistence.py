@@ -1,0 +1,202 @@
+"""Coexistence with the reference ELLA pack (TencentQQGYLab/ComfyUI-ELLA): one real ComfyUI with both packs.
+
+Two packs registering one node id or type replace each other silently (seen before our rename: the
+reference's graphs failed with "'ManagedConnector' object is not a mapping"). The reference's surface is
+data (tests/data/reference_pack_surface.json). The server test installs, as `custom_nodes/comfyui-ella`,
+our stand-in that registers that surface (tests/support/reference_pack_standin), or the real reference pack
+when ELLA_REFERENCE_PACK points at an export of it, and checks that each pack still serves all of its own
+surface and runs a graph to an image over HTTP. The migrating user's files are shared: the reference
+graph's connector in models/ella and T5 in models/ella_encoder are the ones our graph loads too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.nodes.inprocess import REPO_ROOT, load_pack
+from tests.support import reference_surface as rs
+from tests.support import tiny_models as tm
+from tests.support.comfy_server import ComfyServer
+
+MANIFEST = rs.load_manifest()
+STANDIN = Path(__file__).resolve().parents[1] / "support" / "reference_pack_standin"
+OUR_MODULE = f"custom_nodes.{REPO_ROOT.name}"
+T5_DIR = "t5-from-the-reference-pack"  # a T5 folder in models/ella_encoder, where reference users keep it
+
+
+def _norm(name: str) -> str:
+    """How the frontend compares types (case-insensitively); also used for ids and display names."""
+    return name.strip().casefold()
+
+
+def _our_schemas() -> list:
+    tm.import_comfy()
+    load_pack()
+    return [node.define_schema() for node in sys.modules["ella_pack_under_test.nodes.ella_nodes"].NODES]
+
+
+def test_our_names_are_disjoint_from_the_reference_surface():
+    """Node ids, display names and every socket type of our schemas vs the reference's, case-insensitively."""
+    schemas = _our_schemas()
+    ref_ids = {_norm(n) for n in MANIFEST["nodes"]}
+    ref_names = {_norm(spec["display_name"]) for spec in MANIFEST["nodes"].values()}
+    ref_types = {_norm(t) for t in MANIFEST["types"]}
+    assert len(schemas) == 4 and len(ref_ids) == 11 and len(ref_types) == 3
+    our_types = set()
+    for schema in schemas:
+        assert _norm(schema.node_id) not in ref_ids, schema.node_id
+        assert _norm(schema.display_name) not in ref_names, schema.display_name
+        our_types |= {str(s.get_io_type()) for s in [*schema.inputs, *schema.outputs]}
+    assert {"ELLA_TSC_CONNECTOR", "ELLA_TSC_TEXT_ENCODER"} <= our_types
+    clashes = sorted(t for t in our_types if _norm(t) in ref_types)
+    assert not clashes, f"types the reference pack also registers: {clashes}"
+    pack_name = next(line.split("=")[1].strip().strip('"') for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines()
+                     if line.startswith("name"))
+    assert _norm(pack_name) != _norm(MANIFEST["package_dir"])
+
+
+def _released_shape_connector(models: Path, name: str) -> None:
+    """A random connector with the released SD1.5 shapes (the real reference pack loads only those), fp16."""
+    from ella_core import ELLA, ELLAConfig, save_ella
+
+    torch.manual_seed(11)
+    save_ella(ELLA(ELLAConfig()).half(), models / "ella" / name, {"base_model": "sd15", "llm": "tiny-t5-2048"})
+
+
+def _t5_in_ella_encoder(models: Path, d_model: int) -> None:
+    scratch = models.parent / "scratch"
+    built = tm.write_tiny_t5(scratch, T5_DIR, d_model=d_model, num_layers=1)
+    (models / "ella_encoder").mkdir(parents=True, exist_ok=True)
+    shutil.move(str(built), str(models / "ella_encoder" / T5_DIR))
+    shutil.rmtree(scratch)
+
+
+@pytest.fixture(scope="module", params=["standin", "reference"])
+def both(request, tmp_path_factory):
+    """(server, connector file name): ComfyUI with our pack and the reference surface as custom_nodes/comfyui-ella."""
+    if request.param == "reference":
+        source = os.environ.get("ELLA_REFERENCE_PACK")
+        if not source:
+            pytest.skip("ELLA_REFERENCE_PACK is not set: point it at an export of TencentQQGYLab/ComfyUI-ELLA "
+                        "(e.g. `git archive HEAD | tar -x -C /tmp/ref-ella`) to run this test against the real pack")
+        source = Path(source)
+        if not (source / "__init__.py").is_file():
+            pytest.fail(f"ELLA_REFERENCE_PACK={source} has no __init__.py: not a ComfyUI pack")
+    else:
+        source = STANDIN
+    base = tmp_path_factory.mktemp(f"coexist-{request.param}")
+    models = base / "models"
+    tm.write_tiny_sd15_checkpoint(models)
+    if request.param == "reference":  # the real pack builds the released connector and casts T5 to it
+        ella_name = "ella-sd15-released-shape.safetensors"
+        _released_shape_connector(models, ella_name)
+        _t5_in_ella_encoder(models, d_model=2048)
+    else:
+        ella_name = tm.ELLA_NAME
+        tm.write_tiny_ella(models)
+        _t5_in_ella_encoder(models, d_model=tm.T5_HIDDEN)
+    packs = base / "packs"
+    packs.mkdir()
+    (packs / MANIFEST["package_dir"]).symlink_to(source.resolve(), target_is_directory=True)
+    server = ComfyServer(base, extra_packs=[packs / MANIFEST["package_dir"]])
+    server.start()
+    try:
+        yield server, ella_name
+    finally:
+        server.stop()
+
+
+def reference_graph(ella_name: str, positive: str) -> dict:
+    """The reference's per-step graph (its node ids and input names): the positive through ELLA Text Encode,
+    the negative through T5 Text Encode #ELLA + ELLA Encode; timesteps from Set ELLA Timesteps."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tm.CHECKPOINT_NAME}},
+        "ella": {"class_type": "ELLALoader", "inputs": {"name": ella_name}},
+        "t5": {"class_type": "T5TextEncoderLoader #ELLA", "inputs": {"name": T5_DIR, "max_length": 0, "dtype": "FP32"}},
+        "steps": {"class_type": "SetEllaTimesteps", "inputs": {"model": ["ckpt", 0], "ella": ["ella", 0],
+                                                               "scheduler": "normal", "steps": 2, "denoise": 1.0}},
+        "pos": {"class_type": "EllaTextEncode", "inputs": {"ella": ["steps", 0], "text_encoder": ["t5", 0], "text": positive}},
+        "neg_embeds": {"class_type": "T5TextEncode #ELLA", "inputs": {"text": "", "text_encoder": ["t5", 0]}},
+        "neg": {"class_type": "EllaEncode", "inputs": {"ella": ["steps", 0], "embeds": ["neg_embeds", 0]}},
+        **_sampling(["ckpt", 0], "reference_pack"),
+    }
+
+
+def our_graph(ella_name: str, positive: str) -> dict:
+    """Ours on the same files: the connector from models/ella, the T5 from the reference's models/ella_encoder."""
+    encode = {"text_encoder": ["llm", 0], "ella": ["ella", 0]}
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tm.CHECKPOINT_NAME}},
+        "ella": {"class_type": "EllaTSCConnectorLoader", "inputs": {"ella_name": ella_name}},
+        "llm": {"class_type": "EllaTSCTextEncoderLoader", "inputs": {"model_name": T5_DIR, "dtype": "fp32", "device": "cpu",
+                                                                    "token_mode": "flexible", "max_length": 128}},
+        "hook": {"class_type": "EllaTSCTimestepConditioning", "inputs": {"model": ["ckpt", 0], "ella": ["ella", 0]}},
+        "pos": {"class_type": "EllaTSCEncode", "inputs": {**encode, "text": positive}},
+        "neg": {"class_type": "EllaTSCEncode", "inputs": {**encode, "text": ""}},
+        **_sampling(["hook", 0], "ella_tsc"),
+    }
+
+
+def _sampling(model: list, prefix: str) -> dict:
+    return {
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sampler": {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": 3, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_reference_surface_served_unchanged(both):
+    """Every reference node id, display name, category, socket and widget is served by the reference pack."""
+    server, ella_name = both
+    info = server.object_info()
+    files = {"files:ella": server.get_json("/models/ella"), "config_dirs:ella_encoder": [T5_DIR],
+             "comfy.samplers.SCHEDULER_NAMES": info["KSampler"]["input"]["required"]["scheduler"][0]}
+    assert ella_name in files["files:ella"]
+    missing = [node_id for node_id in MANIFEST["nodes"] if node_id not in info]
+    assert not missing, f"reference nodes missing: {missing}\n{server.log_tail()}"
+    for node_id in MANIFEST["nodes"]:
+        assert rs.served(info[node_id]) == rs.expected(MANIFEST, node_id, files.__getitem__), node_id
+    assert set(MANIFEST["model_folders"]) <= set(server.get_json("/models"))
+
+
+def test_our_surface_present_and_nothing_collides(both):
+    server, _ = both
+    info = server.object_info()
+    ours = {k: v for k, v in info.items() if v["python_module"] == OUR_MODULE}
+    assert sorted(ours) == sorted(["EllaTSCConnectorLoader", "EllaTSCTextEncoderLoader", "EllaTSCEncode",
+                                   "EllaTSCTimestepConditioning"]), server.log_tail()
+    others = {k: v for k, v in info.items() if k not in ours}
+    assert len(others) > 100  # ComfyUI's own nodes and the reference's
+    other_names = {_norm(v["display_name"] or k): k for k, v in others.items()}  # the frontend shows the id then
+    other_ids = {_norm(k) for k in others}
+    other_types = {_norm(t) for v in others.values() for t in rs.io_types(v)}
+    assert _norm("T5_TEXT_ENCODER") in other_types and _norm("ELLA") in other_types  # the reference's, served
+    for node_id, entry in ours.items():
+        assert _norm(node_id) not in other_ids, node_id
+        assert _norm(entry["display_name"]) not in other_names, (entry["display_name"], other_names.get(_norm(entry["display_name"])))
+    own_types = {t for v in ours.values() for t in rs.io_types(v)} - {t for v in others.values() for t in rs.io_types(v)}
+    assert own_types == {"ELLA_TSC_CONNECTOR", "ELLA_TSC_TEXT_ENCODER"}
+    assert not {_norm(t) for t in own_types} & other_types
+    # A migrating user's T5 in models/ella_encoder is offered by our loader too.
+    assert T5_DIR in info["EllaTSCTextEncoderLoader"]["input"]["required"]["model_name"][1]["options"]
+
+
+def test_one_graph_of_each_pack_runs(both):
+    server, ella_name = both
+    ours = server.run(our_graph(ella_name, "a red fox in the snow"))
+    theirs = server.run(reference_graph(ella_name, "a red fox in the snow"))
+    assert len(ours.images) == 1 and len(theirs.images) == 1
+    assert ours.images[0]["filename"].startswith("ella_tsc") and theirs.images[0]["filename"].startswith("reference_pack")
+    for image in (*ours.images, *theirs.images):
+        assert server.view(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    again = server.run(our_graph(ella_name, "a blue bird"))  # ours still works after the reference's graph ran
+    assert len(again.images) == 1
