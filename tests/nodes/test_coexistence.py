@@ -200,3 +200,122 @@ def test_one_graph_of_each_pack_runs(both):
         assert server.view(image)[:8] == b"\x89PNG\r\n\x1a\n"
     again = server.run(our_graph(ella_name, "a blue bird"))  # ours still works after the reference's graph ran
     assert len(again.images) == 1
+
+
+# ---- scripts/migrate_reference_workflow.py: a reference-format UI workflow, migrated, runs on ours --------------
+SCRIPTS = REPO_ROOT / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+import build_example_workflows as builder  # noqa: E402  (scripts/)
+import migrate_reference_workflow as migration  # noqa: E402
+from workflow_to_prompt import widget_inputs, workflow_to_prompt  # noqa: E402
+
+POSITIVE = "a castle on a hill at sunset"
+
+
+def reference_ui_workflow(kind: str, info: dict, ella_name: str) -> dict:
+    """A workflow as the frontend saves it with the reference pack. per_step: Set ELLA Timesteps, ELLA Text
+    Encode with CLIP, T5 Text Encode + ELLA Encode. apply: T5 Text Encode, Combine CLIP & ELLA Embeds, Apply
+    ELLA with BasicScheduler sigmas."""
+    g = builder.Graph(f"reference_{kind}", info)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=tm.CHECKPOINT_NAME)
+    ella = g.add("ELLALoader", name=ella_name)
+    sampling = dict(seed=5, steps=2, cfg=4.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    if kind == "per_step":
+        t5 = g.add("T5TextEncoderLoader #ELLA", name=T5_DIR, max_length=0, dtype="FP32")
+        steps = g.add("SetEllaTimesteps", model=ckpt[0], ella=ella[0], scheduler="normal", steps=2, denoise=1.0)
+        pos = g.add("EllaTextEncode", ella=steps[0], text_encoder=t5[0], text=POSITIVE, clip=ckpt[1], text_clip=POSITIVE)
+        neg = g.add("EllaEncode", ella=steps[0], embeds=g.add("T5TextEncode #ELLA", text="", text_encoder=t5[0])[0])
+        model, pos_out, neg_out = ckpt[0], pos[0], neg[0]
+    else:
+        t5 = g.add("T5TextEncoderLoader #ELLA", name=T5_DIR, max_length=16, dtype="FP32")
+        embeds = g.add("T5TextEncode #ELLA", text=POSITIVE, text_encoder=t5[0])
+        clip = g.add("CLIPTextEncode", clip=ckpt[1], text=POSITIVE)
+        pos = g.add("CombineClipEllaEmbeds", cond=clip[0], embeds=embeds[0])
+        neg = g.add("T5TextEncode #ELLA", text="", text_encoder=t5[0])
+        sigmas = g.add("BasicScheduler", model=ckpt[0], scheduler="normal", steps=2, denoise=1.0)
+        applied = g.add("EllaApply", model=ckpt[0], ella=ella[0], positive=pos[0], negative=neg[0], sigmas=sigmas[0])
+        model, pos_out, neg_out = applied[0], applied[1], applied[2]
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    sampler = g.add("KSampler", model=model, positive=pos_out, negative=neg_out, latent_image=latent[0], **sampling)
+    image = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", images=image[0], filename_prefix=f"ref_{kind}")
+    return g.to_ui()
+
+
+def _input_source(prompt: dict, node_id: str, name: str) -> dict:
+    return prompt[prompt[node_id]["inputs"][name][0]]
+
+
+def test_migration_creates_nodes_as_the_server_defines_them(both):
+    server, _ = both
+    info = server.object_info()
+    for ntype, (sockets, widgets, outputs) in migration.CREATED.items():
+        entry = info[ntype]
+        widget_names = [w[0] for w in widget_inputs(entry)]
+        served_sockets = [(name, entry["input"][group][name][0], group == "optional")
+                          for group in ("required", "optional") for name in entry["input_order"].get(group, [])
+                          if name not in widget_names]
+        assert (served_sockets, widget_names) == (sockets, widgets), ntype
+        assert list(zip(entry["output_name"], entry["output"])) == outputs, ntype
+
+
+@pytest.mark.parametrize("kind", ["per_step", "apply"])
+def test_reference_workflow_runs_then_migrated_runs_on_ours(both, kind):
+    """The reference-format workflow runs on the reference pack; migrated, it runs on ours, wired as README says."""
+    server, ella_name = both
+    info = server.object_info()
+    original = reference_ui_workflow(kind, info, ella_name)
+    assert len(server.run(workflow_to_prompt(original, info)).images) == 1
+
+    migrated, notes = migration.migrate(original)
+    types = {n["type"] for n in migrated["nodes"]}
+    assert not types & set(MANIFEST["nodes"]), types
+    prompt = workflow_to_prompt(migrated, info)
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    assert _input_source(prompt, sampler, "model")["class_type"] == "EllaTSCTimestepConditioning"
+    positive = _input_source(prompt, sampler, "positive")
+    assert positive["class_type"] == "EllaTSCEncode" and positive["inputs"]["text"] == POSITIVE
+    assert positive["inputs"]["clip"][0] == next(k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple")
+    loader = next(v for v in prompt.values() if v["class_type"] == "EllaTSCTextEncoderLoader")
+    assert (loader["inputs"]["token_mode"], loader["inputs"]["max_length"]) == (
+        ("flexible", migration.FLEXIBLE_MAX_LENGTH) if kind == "per_step" else ("fixed", 16))
+    assert any("SetEllaTimesteps" in n or "sigmas" in n for n in notes), notes
+    result = server.run(prompt)
+    assert len(result.images) == 1
+
+
+@pytest.mark.parametrize("max_length", [0, 16, 64, 128])
+@pytest.mark.parametrize("dtype", ["auto", "FP16", "FP32"])
+def test_migration_maps_every_t5_loader_setting(max_length, dtype):
+    """The whole widget domain of the reference's T5 loader (0..128 in steps of 16, three dtypes)."""
+    info = {node_id: {"input": {g: {n: [t] for n, t, _ in items} for g, items in spec["inputs"].items()}}
+            for node_id, spec in MANIFEST["nodes"].items()}
+    ui = {"nodes": [{"id": 1, "type": "T5TextEncoderLoader #ELLA", "pos": [0, 0], "inputs": [],
+                     "outputs": [{"name": "T5_TEXT_ENCODER", "type": "T5_TEXT_ENCODER", "links": None}],
+                     "widgets_values": ["flan-t5-xl", max_length, dtype]}], "links": [], "last_node_id": 1}
+    assert info  # the manifest names the loader's widgets in the order the script reads them:
+    assert [n for n, _, _ in MANIFEST["nodes"]["T5TextEncoderLoader #ELLA"]["inputs"]["required"]] == \
+        migration.REFERENCE_WIDGETS["T5TextEncoderLoader #ELLA"]
+    migrated, _ = migration.migrate(ui)
+    (node,) = migrated["nodes"]
+    assert node["type"] == "EllaTSCTextEncoderLoader"
+    mode, length = ("flexible", migration.FLEXIBLE_MAX_LENGTH) if max_length == 0 else ("fixed", max_length)
+    assert node["widgets_values"] == ["flan-t5-xl", {"auto": "default", "FP16": "fp16", "FP32": "fp32"}[dtype],
+                                      "auto", mode, length]
+
+
+def test_migration_widget_orders_match_the_manifest():
+    widget_kinds = {"INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"}
+    for node_id, spec in MANIFEST["nodes"].items():
+        widgets = [n for group in ("required", "optional") for n, kind, _ in spec["inputs"].get(group, [])
+                   if kind in widget_kinds]
+        assert widgets == migration.REFERENCE_WIDGETS.get(node_id, []), node_id
+
+
+def test_migration_names_the_node_it_cannot_rewrite():
+    ui = {"nodes": [{"id": 7, "type": "EllaEncode", "pos": [0, 0], "inputs": [{"name": "ella", "type": "ELLA", "link": None},
+                                                                              {"name": "embeds", "type": "ELLA_EMBEDS", "link": None}],
+                     "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": None}]}], "links": []}
+    with pytest.raises(migration.MigrationError, match="node 7 .*'ella' is not connected"):
+        migration.migrate(ui)
