@@ -4,6 +4,8 @@ As in the reference, the loaders return dicts `{"model", "file"}`, ELLA_EMBEDS i
 tensors, Set ELLA Timesteps adds `timesteps` to the ELLA dict, and the encoders return one CONDITIONING
 entry per sampling step (start/end percent). The "connector" here is only the checkpoint's text projection
 `connector.proj_in` (no resampler, no timestep): enough to give the UNet a context of the right width.
+As in the reference's per-step path, CLIP embeds combined into ELLA_EMBEDS are carried but not used; ELLA
+Text Encode appends its CLIP tokens after the ELLA tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ DTYPES = {"FP16": torch.float16, "FP32": torch.float32, "auto": torch.float32}  
 
 
 class TextProjection:
-    """context (1, L, width) = features (1, L, D) @ proj_in.T + bias, with optional CLIP tokens appended."""
+    """context (1, L, width) = features (1, L, D) @ proj_in.T + bias."""
 
     def __init__(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -32,11 +34,10 @@ class TextProjection:
         except KeyError:
             raise ValueError(f"stand-in Load ELLA Model: {path} has no connector.proj_in weights") from None
 
-    def __call__(self, t5_embeds: torch.Tensor, clip_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, t5_embeds: torch.Tensor) -> torch.Tensor:
         if t5_embeds.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"stand-in: T5 width {t5_embeds.shape[-1]} != connector input {self.weight.shape[1]}")
-        context = F.linear(t5_embeds.float(), self.weight, self.bias)
-        return context if clip_embeds is None else torch.cat([context, clip_embeds.float()], dim=1)
+        return F.linear(t5_embeds.float(), self.weight, self.bias)
 
 
 class T5Features:
@@ -70,7 +71,7 @@ def _per_step(ella: dict, embeds: dict) -> list:
     timesteps = ella.get("timesteps")
     if timesteps is None:
         raise ValueError("stand-in: timesteps missing; use Set ELLA Timesteps (or Apply ELLA's sigmas) first")
-    context = ella["model"](embeds[PREFIX + "t5_embeds"], embeds.get(PREFIX + "clip_embeds"))
+    context = ella["model"](embeds[PREFIX + "t5_embeds"])
     steps = len(timesteps) - 1
     return [[context, {"start_percent": i / steps, "end_percent": (i + 1) / steps}] for i in range(steps)]
 
@@ -119,7 +120,8 @@ def ella_text_encode(ella, text_encoder, text, clip=None, text_clip=""):
             raise ValueError("stand-in ELLA Text Encode: text_clip needs a clip")
         return (_per_step(ella, embeds), None)
     tokens, pooled = clip.encode_from_tokens(clip.tokenize(text_clip), return_pooled=True)
-    return (_per_step(ella, {**embeds, PREFIX + "clip_embeds": tokens}), [[tokens, {"pooled_output": pooled}]])
+    conds = [[torch.cat([context, tokens.to(context)], dim=1), options] for context, options in _per_step(ella, embeds)]
+    return (conds, [[tokens, {"pooled_output": pooled}]])
 
 
 def combine_embeds(embeds, embeds_add):
