@@ -11,8 +11,10 @@ graph's connector in models/ella and T5 in models/ella_encoder are the ones our 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -315,3 +317,41 @@ def test_migration_names_the_node_it_cannot_rewrite():
                      "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": None}]}], "links": []}
     with pytest.raises(migration.MigrationError, match="node 7 .*'ella' is not connected"):
         migration.migrate(ui)
+
+
+def test_reference_and_migrated_workflows_load_in_the_real_frontend(both, tmp_path):
+    """What a person sees: in headless Chromium on the two-pack server, each reference workflow and its migration
+    load with every node type registered and every link intact, and the frontend's own UI -> API conversion of
+    the migrated one equals scripts/workflow_to_prompt.py's (which the tests above ran)."""
+    from tests.frontend.test_frontend import HERE as FRONTEND, SHORT_PROMPT, LONG_PROMPT, _need_browser
+
+    server, ella_name = both
+    modules = _need_browser()
+    info = server.object_info()
+    files = {}
+    for kind in ("per_step", "apply"):
+        original = reference_ui_workflow(kind, info, ella_name)
+        for label, wf in ((f"reference_{kind}", original), (f"migrated_{kind}", migration.migrate(original)[0])):
+            files[label] = tmp_path / f"{label}.json"
+            files[label].write_text(json.dumps(wf))
+    config = {"server": server.url, "workflows": {k: str(v) for k, v in files.items()},
+              "token_workflow": "migrated_per_step", "user_data_dir": str(tmp_path / "chromium-profile"),
+              "screenshot": str(tmp_path / "migrated.png"), "text_encoder_name": T5_DIR,
+              "short_prompt": SHORT_PROMPT, "long_prompt": LONG_PROMPT, "out": str(tmp_path / "report.json")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run(["node", str(FRONTEND / "check_workflows.mjs"), str(tmp_path / "config.json")],
+                          env=dict(os.environ, ELLA_NODE_MODULES=modules), capture_output=True, text=True, timeout=300)
+    assert Path(config["out"]).is_file(), f"node script wrote no report:\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(Path(config["out"]).read_text())
+    assert "fatal" not in report, report.get("fatal")
+    assert not report["page_errors"], report["page_errors"]
+    for label, path in files.items():
+        wf, seen = json.loads(path.read_text()), report["workflows"][label]
+        assert seen["problems"] == [], f"{label}: {seen['problems']}"
+        assert (seen["node_count"], seen["link_count"]) == (len(wf["nodes"]), len(wf["links"])), label
+        if label.startswith("migrated"):
+            ours, theirs = workflow_to_prompt(wf, info), seen["api_prompt"]
+            assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == \
+                {k: (v["class_type"], v["inputs"]) for k, v in theirs.items()}, label
+    # The migrated graph's ELLA Prompt Encode counts tokens with the T5 from models/ella_encoder.
+    assert report["tokens"]["short"]["info"]["total"] > 0, report["tokens"]["short"]
