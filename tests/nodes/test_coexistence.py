@@ -7,6 +7,8 @@ our stand-in that registers that surface (tests/support/reference_pack_standin),
 when ELLA_REFERENCE_PACK points at an export of it, and checks that each pack still serves all of its own
 surface and runs a graph to an image over HTTP. The migrating user's files are shared: the reference
 graph's connector in models/ella and T5 in models/ella_encoder are the ones our graph loads too.
+On the same server: reference-format UI workflows run, then run again after scripts/migrate_reference_workflow.py,
+and both load intact in the real frontend.
 """
 
 from __future__ import annotations
