@@ -219,16 +219,17 @@ POSITIVE = "a castle on a hill at sunset"
 
 def reference_ui_workflow(kind: str, info: dict, ella_name: str) -> dict:
     """A workflow as the frontend saves it with the reference pack. per_step: Set ELLA Timesteps, ELLA Text
-    Encode with CLIP, T5 Text Encode + ELLA Encode. apply: T5 Text Encode, Combine CLIP & ELLA Embeds, Apply
-    ELLA with BasicScheduler sigmas."""
+    Encode with CLIP, T5 Text Encode + ELLA Encode; linked_text: the same with the positive text from a String
+    node. apply: T5 Text Encode, Combine CLIP & ELLA Embeds, Apply ELLA with BasicScheduler sigmas."""
     g = builder.Graph(f"reference_{kind}", info)
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=tm.CHECKPOINT_NAME)
     ella = g.add("ELLALoader", name=ella_name)
     sampling = dict(seed=5, steps=2, cfg=4.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    if kind == "per_step":
+    if kind in ("per_step", "linked_text"):
         t5 = g.add("T5TextEncoderLoader #ELLA", name=T5_DIR, max_length=0, dtype="FP32")
         steps = g.add("SetEllaTimesteps", model=ckpt[0], ella=ella[0], scheduler="normal", steps=2, denoise=1.0)
-        pos = g.add("EllaTextEncode", ella=steps[0], text_encoder=t5[0], text=POSITIVE, clip=ckpt[1], text_clip=POSITIVE)
+        text = g.add("PrimitiveStringMultiline", value=POSITIVE)[0] if kind == "linked_text" else POSITIVE
+        pos = g.add("EllaTextEncode", ella=steps[0], text_encoder=t5[0], text=text, clip=ckpt[1], text_clip=POSITIVE)
         neg = g.add("EllaEncode", ella=steps[0], embeds=g.add("T5TextEncode #ELLA", text="", text_encoder=t5[0])[0])
         model, pos_out, neg_out = ckpt[0], pos[0], neg[0]
     else:
@@ -264,7 +265,7 @@ def test_migration_creates_nodes_as_the_server_defines_them(both):
         assert list(zip(entry["output_name"], entry["output"])) == outputs, ntype
 
 
-@pytest.mark.parametrize("kind", ["per_step", "apply"])
+@pytest.mark.parametrize("kind", ["per_step", "linked_text", "apply"])
 def test_reference_workflow_runs_then_migrated_runs_on_ours(both, kind):
     """The reference-format workflow runs on the reference pack; migrated, it runs on ours, wired as README says."""
     server, ella_name = both
@@ -279,11 +280,16 @@ def test_reference_workflow_runs_then_migrated_runs_on_ours(both, kind):
     sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
     assert _input_source(prompt, sampler, "model")["class_type"] == "EllaTSCTimestepConditioning"
     positive = _input_source(prompt, sampler, "positive")
-    assert positive["class_type"] == "EllaTSCEncode" and positive["inputs"]["text"] == POSITIVE
+    assert positive["class_type"] == "EllaTSCEncode"
+    text = positive["inputs"]["text"]
+    if kind == "linked_text":
+        assert (prompt[text[0]]["class_type"], prompt[text[0]]["inputs"]["value"]) == ("PrimitiveStringMultiline", POSITIVE)
+    else:
+        assert text == POSITIVE
     assert positive["inputs"]["clip"][0] == next(k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple")
     loader = next(v for v in prompt.values() if v["class_type"] == "EllaTSCTextEncoderLoader")
     assert (loader["inputs"]["token_mode"], loader["inputs"]["max_length"]) == (
-        ("flexible", migration.FLEXIBLE_MAX_LENGTH) if kind == "per_step" else ("fixed", 16))
+        ("fixed", 16) if kind == "apply" else ("flexible", migration.FLEXIBLE_MAX_LENGTH))
     assert any("SetEllaTimesteps" in n or "sigmas" in n for n in notes), notes
     result = server.run(prompt)
     assert len(result.images) == 1
@@ -331,7 +337,7 @@ def test_reference_and_migrated_workflows_load_in_the_real_frontend(both, tmp_pa
     modules = _need_browser()
     info = server.object_info()
     files = {}
-    for kind in ("per_step", "apply"):
+    for kind in ("per_step", "linked_text", "apply"):
         original = reference_ui_workflow(kind, info, ella_name)
         for label, wf in ((f"reference_{kind}", original), (f"migrated_{kind}", migration.migrate(original)[0])):
             files[label] = tmp_path / f"{label}.json"
