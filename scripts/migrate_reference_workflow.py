@@ -157,6 +157,8 @@ class Workflow:
 def migrate(workflow: dict) -> tuple[dict, list[str]]:
     """(rewritten workflow, notes) for a UI workflow that uses the reference pack's nodes."""
     w, notes = Workflow(workflow), []
+    if not any(n["type"] in REFERENCE_NODES for n in w.data["nodes"]):
+        notes.append("no nodes of the reference ELLA pack found; nothing changed")
 
     def name(node: dict) -> str:
         return f"node {node['id']} ({node.get('title') or node['type']})"
@@ -251,7 +253,6 @@ def migrate(workflow: dict) -> tuple[dict, list[str]]:
         for lid in w.consumers(src):
             w.redirect(lid, (node["id"], slot))
 
-    removed_types = REFERENCE_NODES
     for s in w.of_type("SetEllaTimesteps"):
         connector, _ = connector_of(s)
         model = w.source(s, "model")
@@ -260,7 +261,7 @@ def migrate(workflow: dict) -> tuple[dict, list[str]]:
         hook = hook_for(model, connector, s["pos"])
         for lid in w.consumers(model):
             target = w.nodes[w.links[lid][3]]
-            if target["id"] != hook["id"] and target["type"] not in removed_types:
+            if target["id"] != hook["id"] and target["type"] not in REFERENCE_NODES:
                 w.redirect(lid, (hook["id"], 0))
         notes.append(f"{name(s)}: replaced by ELLA Timestep Conditioning on its model; its scheduler, steps and "
                      "denoise now come from the sampler")

@@ -266,14 +266,19 @@ def test_migration_creates_nodes_as_the_server_defines_them(both):
 
 
 @pytest.mark.parametrize("kind", ["per_step", "linked_text", "apply"])
-def test_reference_workflow_runs_then_migrated_runs_on_ours(both, kind):
-    """The reference-format workflow runs on the reference pack; migrated, it runs on ours, wired as README says."""
+def test_reference_workflow_runs_then_migrated_runs_on_ours(both, kind, tmp_path, capsys):
+    """The reference-format workflow runs on the reference pack; migrated (by the command line), it runs on
+    ours, wired as README says."""
     server, ella_name = both
     info = server.object_info()
     original = reference_ui_workflow(kind, info, ella_name)
     assert len(server.run(workflow_to_prompt(original, info)).images) == 1
 
-    migrated, notes = migration.migrate(original)
+    (tmp_path / "old.json").write_text(json.dumps(original))
+    assert migration.main([str(tmp_path / "old.json"), "-o", str(tmp_path / "new.json")]) == 0
+    migrated = json.loads((tmp_path / "new.json").read_text())
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert migrated == migration.migrate(original)[0]
     types = {n["type"] for n in migrated["nodes"]}
     assert not types & set(MANIFEST["nodes"]), types
     prompt = workflow_to_prompt(migrated, info)
