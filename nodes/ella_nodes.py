@@ -59,7 +59,7 @@ class EllaTSCTextEncoderLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=folders.list_text_encoders(),
                                tooltip="HF model folder (with config.json), .gguf, or .safetensors with a tokenizer "
-                                       "folder beside it, in models/text_encoders or models/LLM."),
+                                       "folder beside it, in models/text_encoders, models/LLM or models/ella_encoder."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="default",
                                tooltip="Weights dtype. default: fp16 on GPU, fp32 on CPU. ELLA's T5 was trained in fp16."),
                 io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",

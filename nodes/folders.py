@@ -1,8 +1,11 @@
-"""Model folders: `ella` (connectors) and the LLM text encoders in `text_encoders` and `LLM`.
+"""Model folders: `ella` (connectors) and the LLM text encoders in `text_encoders`, `LLM` and `ella_encoder`.
 
-Paths users add in extra_model_paths.yaml (`ella: ...`, `LLM: ...`) are kept; we only make sure the
-default folder is listed and the extension filter is set (a bare `add_model_folder_path` leaves it empty,
-which would list every file).
+Paths users add in extra_model_paths.yaml (`ella: ...`, `LLM: ...`, `ella_encoder: ...`) are kept; we only
+make sure the default folder is listed and the extension filter is set (a bare `add_model_folder_path`
+leaves it empty, which would list every file).
+
+`ella_encoder` is the reference pack's (TencentQQGYLab/ComfyUI-ELLA) T5 folder: we read it, so users coming
+from that pack see their T5, but never register it, so which pack is imported first changes nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from ..ella_core.llm_loading import tokenizer_beside
 
 ELLA_FOLDER = "ella"
 ENCODER_FOLDERS = ("text_encoders", "LLM")
+REFERENCE_ENCODER_FOLDER = "ella_encoder"  # searched after ENCODER_FOLDERS; registered only by the reference pack
 
 
 def _register(name: str, extensions: set[str]) -> None:
@@ -35,16 +39,25 @@ def register_folders() -> None:
 
 
 def _encoder_roots() -> list[str]:
-    roots = []
+    """Folders searched for text encoders, in order: ours, then the reference pack's `ella_encoder` (its
+    extra_model_paths.yaml entries, else the default `models/ella_encoder`, which nobody may have registered)."""
+    roots: list[str] = []
+
+    def add(paths) -> None:
+        roots.extend(p for p in paths if p not in roots)
+
     for name in ENCODER_FOLDERS:
         if name in folder_paths.folder_names_and_paths:
-            roots += [p for p in folder_paths.get_folder_paths(name) if p not in roots]
+            add(folder_paths.get_folder_paths(name))
+    if REFERENCE_ENCODER_FOLDER in folder_paths.folder_names_and_paths:
+        add(folder_paths.get_folder_paths(REFERENCE_ENCODER_FOLDER))
+    add([os.path.join(folder_paths.models_dir, REFERENCE_ENCODER_FOLDER)])
     return roots
 
 
 def list_text_encoders() -> list[str]:
     """Names (relative to their folder) of HF folders with a config.json, .gguf files, and .safetensors with a
-    tokenizer folder beside them; found in models/text_encoders, models/clip and models/LLM."""
+    tokenizer folder beside them; found in models/text_encoders, models/clip, models/LLM and models/ella_encoder."""
     names: list[str] = []
     for root in _encoder_roots():
         if not os.path.isdir(root):
