@@ -60,10 +60,13 @@ class PromptTokenizer:
         raise TextEncoderError("the tokenizer has no BOS, EOS or pad token to encode an empty prompt with")
 
     def tokenize(self, prompt: str, *, mode: str = "fixed", max_length: int = 128) -> tuple[list[int], TokenCount]:
-        """One prompt -> (ids actually passed on, unpadded; its TokenCount)."""
+        """One prompt -> (ids actually passed on, unpadded; its TokenCount).
+
+        Safe to call from many threads on one tokenizer: truncation is done here on the ids, never through
+        transformers' `truncation=` option, which reconfigures the shared fast tokenizer on every call (a
+        concurrent call with another max_length would then see the wrong setting).
+        """
         check_mode(mode, max_length)
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         text = strip_weight_syntax(prompt)
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         if not ids:
@@ -71,23 +74,25 @@ class PromptTokenizer:
         total = len(ids)
         if mode == "flexible" or total <= max_length:
             return ids, TokenCount(total, total, 0, "")
-        kept = list(self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
-        return kept, TokenCount(total, len(kept), total - len(kept), self._dropped_text(text, total, len(kept)))
+        content, offsets = self._content(text)
+        prefix, suffix = _special_parts(ids, content)
+        room = max(max_length - len(prefix) - len(suffix), 0)
+        kept = (prefix + content[:room] + suffix)[:max_length]
+        if room >= len(content):
+            dropped_text = ""
+        elif offsets is not None:
+            dropped_text = text[offsets[room][0]:].strip()
+        else:
+            dropped_text = self.tokenizer.decode(content[room:], skip_special_tokens=True).strip()
+        return kept, TokenCount(total, len(kept), total - len(kept), dropped_text)
 
-    def _dropped_text(self, text: str, total: int, kept: int) -> str:
-        """The text of the content tokens truncation removed (character offsets where the tokenizer gives them)."""
+    def _content(self, text: str) -> tuple[list[int], list | None]:
+        """Content ids (no special tokens) and their character offsets where the tokenizer gives them."""
         try:
-            content = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            offsets = content["offset_mapping"]
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(encoded["input_ids"]), list(encoded["offset_mapping"])
         except (NotImplementedError, ValueError, KeyError, TypeError):
-            content, offsets = self.tokenizer(text, add_special_tokens=False), None
-        n_special = total - len(content["input_ids"])
-        kept_content = max(kept - n_special, 0)
-        if kept_content >= len(content["input_ids"]):
-            return ""
-        if offsets is not None:
-            return text[offsets[kept_content][0] :].strip()
-        return self.tokenizer.decode(content["input_ids"][kept_content:], skip_special_tokens=True).strip()
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
 
     def count_tokens(self, prompt: str, max_length: int = 128, mode: str = "fixed") -> TokenCount:
         return self.tokenize(prompt, mode=mode, max_length=max_length)[1]
@@ -100,6 +105,17 @@ class PromptTokenizer:
             input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         return input_ids, mask
+
+
+def _special_parts(ids: list[int], content: list[int]) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) special tokens around `content` in `ids` (T5: [], [EOS]; Llama: [BOS], [])."""
+    extra = len(ids) - len(content)
+    for start in range(max(extra, 0) + 1):
+        if ids[start:start + len(content)] == content:
+            return ids[:start], ids[start + len(content):]
+    raise TextEncoderError(
+        f"the tokenizer's ids with special tokens ({extra} more) do not contain its ids without them; "
+        "cannot truncate this prompt reliably")
 
 
 def load_tokenizer(source: str, *, tokenizer: str | None = None, trust_remote_code: bool = False) -> PromptTokenizer:
