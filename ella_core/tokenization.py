@@ -11,12 +11,16 @@ reference negative prompt "" encodes like the reference.
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .gguf_check import check_gguf_file
 from .llm_loading import TextEncoderError, family_of, load_hf_tokenizer, read_config_json, tokenizer_location
 from .prompt_text import strip_weight_syntax
 
@@ -125,6 +129,8 @@ def load_tokenizer(source: str, *, tokenizer: str | None = None, trust_remote_co
         tok_path, gguf = source, None  # hub id
     else:
         tok_path, gguf = tokenizer_location(source, tokenizer)
+    if gguf is not None:
+        check_gguf_file(gguf)  # milliseconds, where transformers needs seconds to fail on a truncated file
     hf = load_hf_tokenizer(tok_path, gguf_file=gguf, trust_remote_code=trust_remote_code, name=source)
     config = None
     for folder in (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)), tok_path):
@@ -135,3 +141,69 @@ def load_tokenizer(source: str, *, tokenizer: str | None = None, trust_remote_co
     else:  # T5, UMT5 and MT5 tokenizers are all named T5Tokenizer*
         family = "t5" if "T5" in type(hf).__name__ else "decoder"
     return PromptTokenizer(hf, family)
+
+
+class TokenizerCache:
+    """Tokenizers by file, for servers: each loads once however many requests ask at the same time, and a
+    file that failed to load fails again at once (with the same error) until it changes on disk.
+
+    Entries are keyed by (path, size, mtime), so replacing a broken file is picked up without a restart.
+    """
+
+    def __init__(self, size: int = 4, loader: Callable[[str], PromptTokenizer] = load_tokenizer,
+                 failures: int = 64) -> None:
+        self.size, self.failures_kept, self.loader = size, failures, loader
+        self._loaded: "OrderedDict[tuple, PromptTokenizer]" = OrderedDict()
+        self._failed: "OrderedDict[tuple, BaseException]" = OrderedDict()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # loader calls made (tests check that concurrent requests share one)
+
+    @staticmethod
+    def _key(path: str) -> tuple:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return (path, None, None)
+        if os.path.isdir(path):  # a HF folder: its newest file says whether it changed
+            stamps = [os.stat(os.path.join(path, f)) for f in os.listdir(path)]
+            return (path, len(stamps), max((s.st_mtime_ns for s in stamps), default=stat.st_mtime_ns))
+        return (path, stat.st_size, stat.st_mtime_ns)
+
+    def get(self, path: str) -> PromptTokenizer:
+        key = self._key(path)
+        with self._lock:
+            hit = self._lookup(key)
+            if hit is not None:
+                return hit
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:  # one load per file; the others wait for it and read its result
+            with self._lock:
+                hit = self._lookup(key)
+                if hit is not None:
+                    return hit
+            try:
+                self.loads += 1
+                tokenizer = self.loader(path)
+            except Exception as error:
+                with self._lock:
+                    self._failed[key] = error
+                    while len(self._failed) > self.failures_kept:
+                        self._failed.popitem(last=False)
+                    self._loading.pop(key, None)
+                raise
+            with self._lock:
+                self._loaded[key] = tokenizer
+                while len(self._loaded) > self.size:
+                    self._loaded.popitem(last=False)
+                self._loading.pop(key, None)
+            return tokenizer
+
+    def _lookup(self, key: tuple) -> PromptTokenizer | None:
+        """Caller holds self._lock. A remembered failure is raised again."""
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        if key in self._failed:  # a fresh copy: threads must not share (and grow) one traceback
+            raise copy.copy(self._failed[key]).with_traceback(None)
+        return None

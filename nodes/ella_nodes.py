@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..ella_core import load_ella_with_metadata
 from ..ella_core.conditioning import EllaPrompt, check_context_width
 from ..ella_core.text_encoder import check_width, load_text_encoder
-from . import folders, hook
+from . import folders, hook, validation
 from .managed import ManagedConnector, ManagedTextEncoder
 
 ELLAType = io.Custom("ELLA_TSC_CONNECTOR")
@@ -37,6 +37,11 @@ class EllaTSCConnectorLoader(io.ComfyNode):
                                    tooltip="Connector file in models/ella (or an `ella` path in extra_model_paths.yaml).")],
             outputs=[ELLAType.Output(display_name="ELLA", tooltip="The connector, managed with the UNet.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ella_name=None) -> bool | str:
+        """At queue time: the file exists in an `ella` folder and its header describes a connector."""
+        return validation.verdict(validation.connector_problem(ella_name))
 
     @classmethod
     def execute(cls, ella_name: str) -> io.NodeOutput:
@@ -71,6 +76,13 @@ class EllaTSCTextEncoderLoader(io.ComfyNode):
             ],
             outputs=[TextEncoderType.Output(display_name="TEXT_ENCODER", tooltip="The managed LLM encoder.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name=None, dtype=None, device=None, token_mode=None, max_length=None) -> bool | str:
+        """At queue time: the encoder exists (a .gguf is complete), combos hold listed values, max_length fits."""
+        values = {"dtype": dtype, "device": device, "token_mode": token_mode, "max_length": max_length}
+        return validation.verdict(validation.text_encoder_problem(model_name),
+                                  *validation.widget_problems(cls, values))
 
     @classmethod
     def execute(cls, model_name: str, dtype: str, device: str, token_mode: str, max_length: int) -> io.NodeOutput:
