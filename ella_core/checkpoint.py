@@ -49,6 +49,9 @@ class EllaMetadata:
     token_length: Optional[int] = None
     token_mode: Optional[str] = None  # "fixed" | "flexible"
     extra: dict[str, str] = field(default_factory=dict)  # anything else a trainer recorded
+    # Fields guessed from the tensors (files without metadata), not stated by the file: they describe, but
+    # never override what a user chose (ella_core.encoding_settings).
+    inferred: tuple[str, ...] = field(default=(), compare=False)
 
     _FIELDS = ("base_model", "llm", "llm_dtype", "llm_hidden_layer", "token_length", "token_mode")
     _INT_FIELDS = ("llm_hidden_layer", "token_length")
@@ -230,7 +233,7 @@ def _fill_defaults(meta: EllaMetadata, config: ELLAConfig) -> EllaMetadata:
     """Files without metadata: base family from the width; the released layout implies flan-t5-xl fp16 @128."""
     base = meta.base_model or {v: k for k, v in BASE_CONTEXT_WIDTH.items()}.get(config.width)
     released_like = config.input_dim == 2048 and config.width == 768
-    return replace(
+    filled = replace(
         meta,
         config=config,
         base_model=base,
@@ -239,6 +242,9 @@ def _fill_defaults(meta: EllaMetadata, config: ELLAConfig) -> EllaMetadata:
         token_length=meta.token_length or (128 if released_like else None),
         token_mode=meta.token_mode or ("fixed" if released_like else None),
     )
+    guessed = tuple(name for name in EllaMetadata._FIELDS
+                    if getattr(meta, name) is None and getattr(filled, name) is not None)
+    return replace(filled, inferred=tuple(dict.fromkeys(meta.inferred + guessed)))
 
 
 def load_ella_with_metadata(

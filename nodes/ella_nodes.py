@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_management as mm
@@ -10,10 +12,12 @@ from comfy_api.latest import io
 
 from ..ella_core import load_ella_with_metadata
 from ..ella_core.conditioning import EllaPrompt, check_context_width
+from ..ella_core.encoding_settings import settings_for_connector
 from ..ella_core.text_encoder import check_width, load_text_encoder
 from . import folders, hook, validation
 from .managed import ManagedConnector, ManagedTextEncoder
 
+log = logging.getLogger(__name__)
 ELLAType = io.Custom("ELLA_TSC_CONNECTOR")
 TextEncoderType = io.Custom("ELLA_TSC_TEXT_ENCODER")
 CATEGORY = "conditioning/ella"
@@ -123,11 +127,20 @@ class EllaTSCEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, text=None) -> bool | str:
+        """At queue time: the prompt is valid text (a lone surrogate from a broken client is named)."""
+        return validation.verdict(validation.prompt_problem(text))
+
+    @classmethod
     def execute(cls, text_encoder: ManagedTextEncoder, ella: ManagedConnector, text: str, clip=None,
                 clip_weight: float = 1.0) -> io.NodeOutput:
         check_width(text_encoder.hidden_size, ella.module.config.input_dim, f"'{text_encoder.name}'",
                         f"ELLA connector '{ella.name}'")
-        features = text_encoder.encode(text)  # (1, L, D_llm)
+        settings, notes = settings_for_connector(ella.metadata, text_encoder.settings, f"ELLA connector '{ella.name}'",
+                                                 f"text encoder '{text_encoder.name}'")
+        for note in notes:
+            log.warning("ELLA Prompt Encode: %s", note)
+        features = text_encoder.encode(text, settings)  # (1, L, D_llm)
         clip_tokens = clip_pooled = None
         if clip is not None:
             clip_tokens, clip_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)

@@ -14,6 +14,7 @@ from comfy_api.latest import io
 
 from ..ella_core.checkpoint import ELLACheckpointError, read_ella_metadata
 from ..ella_core.gguf_check import GGUFFileError, check_gguf_file
+from ..ella_core.prompt_text import PromptTextError, check_prompt_text
 from . import folders
 
 def _shown(value: object) -> str:
@@ -75,6 +76,16 @@ def text_encoder_problem(model_name: object) -> str | None:
             check_gguf_file(path)
         except (GGUFFileError, OSError) as e:
             return _relative(str(e), path, model_name)
+    return None
+
+
+def prompt_problem(text: object) -> str | None:
+    if not isinstance(text, str):
+        return None  # a linked input: checked when it arrives
+    try:
+        check_prompt_text(text, "text")
+    except PromptTextError as e:
+        return str(e)
     return None
 
 
