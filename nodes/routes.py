@@ -27,7 +27,7 @@ from .folders import resolve_text_encoder
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
-MAX_BODY_BYTES = 1 << 20  # 100k characters as JSON \\u escapes is 600 kB
+MAX_BODY_BYTES = 2 << 20  # 100k characters as JSON escapes: at most 12 bytes each (an escaped surrogate pair)
 MAX_LENGTH_LIMIT = 8192
 _cache = TokenizerCache(size=4)
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ella-tokenize")

@@ -30,7 +30,7 @@ UNICODE = {
 def family(name: str, n: int) -> str:
     """The `name` input of about n characters."""
     if name == "deep_balanced":
-        depth = n // 2
+        depth = (n - 5) // 2
         return "(" * depth + "a:1.1" + ")" * depth
     unit = WHITESPACE.get(name) or SYNTAX.get(name) or UNICODE[name]
     return (unit * (n // len(unit) + 1))[:n]
