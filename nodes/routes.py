@@ -1,7 +1,9 @@
 """HTTP route for the web extension's live token count (web/js/ella_token_count.js).
 
-POST /ella/tokenize  {"text", "model_name", "max_length", "token_mode"}
-  -> {"total", "kept", "dropped", "dropped_text", "max_length", "mode"}
+POST /ella/tokenize  {"text", "model_name", "max_length", "token_mode", optional "ella_name"}
+  -> {"total", "kept", "dropped", "dropped_text", "max_length", "mode", "notes"}
+  With "ella_name" (a connector in models/ella), the connector's recorded token mode and length replace the
+  given ones, as ELLA Prompt Encode does (ella_core.encoding_settings); "notes" then says what changed.
   -> 400/404/413 {"error": "..."} for bad input or an unknown encoder (never an exception out of the server)
 
 The route must never stall ComfyUI (its event loop serves every other request, /prompt included):
@@ -19,11 +21,14 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import folder_paths
 from aiohttp import web
 
+from ..ella_core.checkpoint import read_ella_metadata
+from ..ella_core.encoding_settings import EncodingSettings, settings_for_connector
 from ..ella_core.prompt_text import PromptTextError, check_prompt_text
 from ..ella_core.tokenization import MODES, TokenizerCache
-from .folders import resolve_text_encoder
+from .folders import ELLA_FOLDER, resolve_text_encoder, where_to_put
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
@@ -48,7 +53,8 @@ def _strict_int(value: object, name: str) -> int:
 
 
 def parse_request(body: object) -> tuple[str, str, int, str]:
-    """(text, model_name, max_length, mode) from the JSON body; ValueError says what is wrong."""
+    """(text, model_name, max_length, mode) from the JSON body; ValueError says what is wrong.
+    (The optional "ella_name" is read by `connector_name`.)"""
     if not isinstance(body, dict):
         raise ValueError("expected a JSON object")
     text, model_name = body.get("text", ""), body.get("model_name")
@@ -66,6 +72,13 @@ def parse_request(body: object) -> tuple[str, str, int, str]:
     return text, model_name, max_length, mode
 
 
+def connector_name(body: dict) -> str | None:
+    name = body.get("ella_name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError("'ella_name' must name a connector (the Load ELLA Connector node's ella_name)")
+    return name
+
+
 def parse_body(raw: bytes) -> object:
     """JSON of the request body; ValueError (never RecursionError) for anything that is not."""
     try:
@@ -76,12 +89,20 @@ def parse_body(raw: bytes) -> object:
         raise ValueError(f"the body is not valid JSON: {e}") from None
 
 
-def tokenize(text: str, model_name: str, max_length: int, mode: str) -> dict:
+def tokenize(text: str, model_name: str, max_length: int, mode: str, ella_name: str | None = None) -> dict:
     """Token count of `text` as ELLA Prompt Encode would see it (weight syntax stripped, special tokens included)."""
+    notes: list[str] = []
+    if ella_name is not None:
+        path = folder_paths.get_full_path(ELLA_FOLDER, ella_name)
+        if path is None:
+            raise FileNotFoundError(f"ELLA connector '{ella_name}' not found: put it in {where_to_put(ELLA_FOLDER)}")
+        settings, notes = settings_for_connector(read_ella_metadata(path), EncodingSettings(mode, max_length),
+                                                 f"ELLA connector '{ella_name}'", f"text encoder '{model_name}'")
+        mode, max_length = settings.mode, settings.max_length
     count = cached_tokenizer(resolve_text_encoder(model_name)).count_tokens(text, max_length=max_length, mode=mode)
     return {"total": count.total, "kept": count.kept, "dropped": count.dropped,
             "dropped_text": count.dropped_text, "max_length": max_length if mode == "fixed" else None,
-            "mode": mode}
+            "mode": mode, "notes": notes}
 
 
 def _error(message: str, status: int) -> web.Response:
@@ -98,12 +119,14 @@ async def tokenize_handler(request: web.Request) -> web.Response:
             return _error(f"request body is over the {MAX_BODY_BYTES}-byte limit", 413)
         chunks.append(chunk)
     try:
-        text, model_name, max_length, mode = parse_request(parse_body(b"".join(chunks)))
+        body = parse_body(b"".join(chunks))
+        text, model_name, max_length, mode = parse_request(body)
+        ella_name = connector_name(body)
     except (ValueError, PromptTextError) as e:
         return _error(str(e), 400)
     loop = asyncio.get_running_loop()
     try:
-        result = await loop.run_in_executor(_pool, tokenize, text, model_name, max_length, mode)
+        result = await loop.run_in_executor(_pool, tokenize, text, model_name, max_length, mode, ella_name)
     except FileNotFoundError as e:
         return _error(str(e), 404)
     except Exception as e:  # a broken tokenizer file must not take the server down

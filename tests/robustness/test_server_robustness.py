@@ -45,7 +45,7 @@ def post(server, body, path="/ella/tokenize", timeout=120) -> tuple[int, dict, f
 def expected(truth, text, model, max_length=128, mode="fixed") -> dict:
     count = truth[model].count_tokens(text, max_length=max_length, mode=mode)
     return {"total": count.total, "kept": count.kept, "dropped": count.dropped, "dropped_text": count.dropped_text,
-            "max_length": max_length if mode == "fixed" else None, "mode": mode}
+            "max_length": max_length if mode == "fixed" else None, "mode": mode, "notes": []}
 
 
 def test_generated_inputs_get_right_counts(rserver, truth_tokenizers):
@@ -164,6 +164,19 @@ def test_bad_requests_get_clear_4xx_answers(rserver):
     assert ok == 200 and answer["max_length"] == 128  # JSON's integral floats are integers
     assert rserver.alive() and rserver.get_json("/system_stats")
     print(f"bad requests tried: {len(BAD_REQUESTS)}, answers by status: {dict(outcomes)}")
+
+
+def test_count_follows_the_connector_like_prompt_encode(rserver, truth_tokenizers):
+    """With ella_name, the connector's recorded length (the tiny one: fixed, 16) replaces the widget's 128."""
+    text = "a very long prompt " * 20
+    status, answer, _ = post(rserver, {"text": text, "model_name": tm.T5_NAME, "max_length": 128, "ella_name": tm.ELLA_NAME})
+    assert status == 200, answer
+    assert {**answer, "notes": []} == expected(truth_tokenizers, text, tm.T5_NAME, 16)
+    assert "max_length=16" in answer["notes"][0] and "max_length=128" in answer["notes"][0]
+    status, answer, _ = post(rserver, {"text": "x", "model_name": tm.T5_NAME, "ella_name": "gone.safetensors"})
+    assert status == 404 and "put it in models/ella" in answer["error"]
+    status, answer, _ = post(rserver, {"text": "x", "model_name": tm.T5_NAME, "ella_name": 3})
+    assert status == 400 and "'ella_name'" in answer["error"]
 
 
 def _loader_inputs(**changes) -> dict:
