@@ -50,6 +50,7 @@ def test_truncation_equals_transformers(tok):
             assert ids == list(hf), (prompt, length)
             checked += 1
     tok.tokenizer(" ", truncation=False)  # leave the shared tokenizer as we found it
+    print(f"truncation compared with transformers: {checked} (prompt, max_length) pairs")
     assert checked > 500
 
 
@@ -99,3 +100,21 @@ def test_cache_remembers_failures_until_the_file_changes(tmp_path):
     with pytest.raises(Exception):
         cache.get(str(broken))
     assert len(calls) == 2
+
+
+def test_parallel_encodes_equal_sequential(tmp_path):
+    """The LLM encoder from 8 threads, mixed length and mode: features equal the one-at-a-time ones."""
+    import torch
+
+    from ella_core.text_encoder import load_text_encoder
+    from tests.support import tiny_models as tm
+
+    encoder = load_text_encoder(str(tm.write_tiny_t5(tmp_path / "models")), dtype="fp32", device="cpu")
+    rng = random.Random(1)
+    jobs = [(p, rng.choice([1, 5, 16, 33]), rng.choice(["fixed", "flexible"])) for p in _prompts(64)]
+    run = lambda job: encoder.encode([job[0]], mode=job[2], max_length=job[1]).features  # noqa: E731
+    truth = [run(job) for job in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(run, jobs))
+    wrong = [i for i, (a, b) in enumerate(zip(got, truth)) if a.shape != b.shape or not torch.equal(a, b)]
+    assert not wrong, f"{len(wrong)} of {len(jobs)} parallel encodings differ"
