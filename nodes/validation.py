@@ -17,6 +17,7 @@ from ..ella_core.gguf_check import GGUFFileError, check_gguf_file
 from ..ella_core.prompt_text import PromptTextError, check_prompt_text
 from . import folders
 
+
 def _shown(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
