@@ -27,6 +27,7 @@ FORMAT = "ella-connector"
 FORMAT_VERSION = "1"
 DEFAULT_HEADS = 8  # the released value; attention heads leave no trace in weight shapes
 RELEASED_LLM = "google/flan-t5-xl"
+TOKEN_MODES = ("fixed", "flexible")  # ella_core.tokenization.MODES (not imported: no tokenizer deps here)
 
 StateDict = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, StateDict]
@@ -48,6 +49,9 @@ class EllaMetadata:
     token_length: Optional[int] = None
     token_mode: Optional[str] = None  # "fixed" | "flexible"
     extra: dict[str, str] = field(default_factory=dict)  # anything else a trainer recorded
+    # Fields guessed from the tensors (files without metadata), not stated by the file: they describe, but
+    # never override what a user chose (ella_core.encoding_settings).
+    inferred: tuple[str, ...] = field(default=(), compare=False)
 
     _FIELDS = ("base_model", "llm", "llm_dtype", "llm_hidden_layer", "token_length", "token_mode")
     _INT_FIELDS = ("llm_hidden_layer", "token_length")
@@ -66,15 +70,17 @@ class EllaMetadata:
 
     @classmethod
     def from_safetensors(cls, raw: Mapping[str, str]) -> "EllaMetadata":
+        """Parse a file's metadata; ValueError names the key and the value that is wrong."""
         raw = dict(raw or {})
         values: dict[str, Any] = {}
+        key = "ella_config" if "ella_config" in raw else "config"
         config_json = raw.pop("ella_config", None) or raw.pop("config", None)
         if config_json:
-            values["config"] = ELLAConfig.from_dict(json.loads(config_json))
+            values["config"] = _parse_config(key, config_json)
         for name in cls._FIELDS:
             value = raw.pop(f"ella_{name}", None)
             if value is not None:
-                values[name] = int(value) if name in cls._INT_FIELDS else value
+                values[name] = _parse_field(f"ella_{name}", name, value)
         raw.pop("format", None)
         raw.pop("format_version", None)
         return cls(extra=raw, **values)
@@ -96,6 +102,48 @@ class EllaMetadata:
         extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in data.pop("extra", {}).items()}
         extra.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
         return cls(extra=extra, **values)
+
+
+def _parse_config(key: str, text: str) -> ELLAConfig:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"metadata key '{key}' is not valid JSON ({e}): {text[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"metadata key '{key}' must be a JSON object of connector fields "
+                         f"(input_dim, width, layers, ...), got {type(data).__name__} {text[:80]}")
+    try:
+        return ELLAConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"metadata key '{key}': {e}") from None
+
+
+def _parse_field(key: str, name: str, value: str) -> Any:
+    """One `ella_*` metadata value, checked: integers are integers, the mode and base family are known."""
+    if name in EllaMetadata._INT_FIELDS:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metadata key '{key}' must be an integer, got {value!r}") from None
+        if name == "token_length" and number < 1:
+            raise ValueError(f"metadata key '{key}' must be a positive integer, got {number}")
+        return number
+    if name == "token_mode" and value not in TOKEN_MODES:
+        raise ValueError(f"metadata key '{key}' must be one of {list(TOKEN_MODES)}, got {value!r}")
+    if name == "base_model" and value not in BASE_CONTEXT_WIDTH:
+        raise ValueError(f"metadata key '{key}' must be one of {sorted(BASE_CONTEXT_WIDTH)}, got {value!r}")
+    return value
+
+
+def check_declared_config(config: ELLAConfig, shapes: Mapping[str, Any], where: str) -> None:
+    """The config a file declares agrees with its tensor shapes: checked from shapes alone, before any
+    module is built (a forged `layers: 3000, width: 65536` must not cost seconds or gigabytes to refuse)."""
+    found = infer_config(shapes, heads=1, where=where)  # heads leave no trace in shapes
+    wrong = [f"{name}={getattr(config, name)} (tensors say {getattr(found, name)})"
+             for name in ("input_dim", "width", "layers", "num_latents", "time_channel", "time_embed_dim", "pooled_dim")
+             if getattr(config, name) != getattr(found, name)]
+    if wrong:
+        raise ELLACheckpointError(f"{where}: the config in its metadata does not match its tensors: " + ", ".join(wrong))
 
 
 def _expected_shapes(config: ELLAConfig) -> dict[str, tuple[int, ...]]:
@@ -185,7 +233,7 @@ def _fill_defaults(meta: EllaMetadata, config: ELLAConfig) -> EllaMetadata:
     """Files without metadata: base family from the width; the released layout implies flan-t5-xl fp16 @128."""
     base = meta.base_model or {v: k for k, v in BASE_CONTEXT_WIDTH.items()}.get(config.width)
     released_like = config.input_dim == 2048 and config.width == 768
-    return replace(
+    filled = replace(
         meta,
         config=config,
         base_model=base,
@@ -194,6 +242,9 @@ def _fill_defaults(meta: EllaMetadata, config: ELLAConfig) -> EllaMetadata:
         token_length=meta.token_length or (128 if released_like else None),
         token_mode=meta.token_mode or ("fixed" if released_like else None),
     )
+    guessed = tuple(name for name in EllaMetadata._FIELDS
+                    if getattr(meta, name) is None and getattr(filled, name) is not None)
+    return replace(filled, inferred=tuple(dict.fromkeys(meta.inferred + guessed)))
 
 
 def load_ella_with_metadata(
@@ -201,6 +252,8 @@ def load_ella_with_metadata(
 ) -> tuple[ELLA, EllaMetadata]:
     """Like `load_ella`, also returning what the file says about how it was made."""
     tensors, meta, where = _read(source)
+    if meta.config is not None:
+        check_declared_config(meta.config, tensors, where)
     config = meta.config or infer_config(tensors, where=where)
     check_state_dict(tensors, config, where)
     if dtype is None:
@@ -228,10 +281,15 @@ def read_ella_metadata(path: Union[str, os.PathLike]) -> EllaMetadata:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = EllaMetadata.from_safetensors(f.metadata() or {})
+            try:
+                meta = EllaMetadata.from_safetensors(f.metadata() or {})
+            except ValueError as e:
+                raise ELLACheckpointError(f"{path} has invalid ELLA metadata: {e}") from e
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
             if meta.config is None:
-                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
                 meta = replace(meta, config=infer_config(shapes, where=str(path)))
+            else:
+                check_declared_config(meta.config, shapes, str(path))
     except (FileNotFoundError, ELLACheckpointError):
         raise
     except Exception as e:  # safetensors' own errors for truncated or corrupt headers

@@ -56,6 +56,9 @@ class ELLAConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ELLAConfig":
         """Accepts our own field names and the reference constructor's (`out_dim`, `act_fn`)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ELLAConfig expects a mapping of field names to values, got {type(data).__name__} "
+                             f"{str(data)[:60]}")
         data = dict(data)
         act = data.pop("act_fn", "silu")
         if act != "silu":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_management as mm
@@ -10,10 +12,12 @@ from comfy_api.latest import io
 
 from ..ella_core import load_ella_with_metadata
 from ..ella_core.conditioning import EllaPrompt, check_context_width
+from ..ella_core.encoding_settings import settings_for_connector
 from ..ella_core.text_encoder import check_width, load_text_encoder
-from . import folders, hook
+from . import folders, hook, validation
 from .managed import ManagedConnector, ManagedTextEncoder
 
+log = logging.getLogger(__name__)
 ELLAType = io.Custom("ELLA_TSC_CONNECTOR")
 TextEncoderType = io.Custom("ELLA_TSC_TEXT_ENCODER")
 CATEGORY = "conditioning/ella"
@@ -37,6 +41,11 @@ class EllaTSCConnectorLoader(io.ComfyNode):
                                    tooltip="Connector file in models/ella (or an `ella` path in extra_model_paths.yaml).")],
             outputs=[ELLAType.Output(display_name="ELLA", tooltip="The connector, managed with the UNet.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ella_name=None) -> bool | str:
+        """At queue time: the file exists in an `ella` folder and its header describes a connector."""
+        return validation.verdict(validation.connector_problem(ella_name))
 
     @classmethod
     def execute(cls, ella_name: str) -> io.NodeOutput:
@@ -71,6 +80,13 @@ class EllaTSCTextEncoderLoader(io.ComfyNode):
             ],
             outputs=[TextEncoderType.Output(display_name="TEXT_ENCODER", tooltip="The managed LLM encoder.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name=None, dtype=None, device=None, token_mode=None, max_length=None) -> bool | str:
+        """At queue time: the encoder exists (a .gguf is complete), combos hold listed values, max_length fits."""
+        values = {"dtype": dtype, "device": device, "token_mode": token_mode, "max_length": max_length}
+        return validation.verdict(validation.text_encoder_problem(model_name),
+                                  *validation.widget_problems(cls, values))
 
     @classmethod
     def execute(cls, model_name: str, dtype: str, device: str, token_mode: str, max_length: int) -> io.NodeOutput:
@@ -111,11 +127,20 @@ class EllaTSCEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, text=None) -> bool | str:
+        """At queue time: the prompt is valid text (a lone surrogate from a broken client is named)."""
+        return validation.verdict(validation.prompt_problem(text))
+
+    @classmethod
     def execute(cls, text_encoder: ManagedTextEncoder, ella: ManagedConnector, text: str, clip=None,
                 clip_weight: float = 1.0) -> io.NodeOutput:
         check_width(text_encoder.hidden_size, ella.module.config.input_dim, f"'{text_encoder.name}'",
                         f"ELLA connector '{ella.name}'")
-        features = text_encoder.encode(text)  # (1, L, D_llm)
+        settings, notes = settings_for_connector(ella.metadata, text_encoder.settings, f"ELLA connector '{ella.name}'",
+                                                 f"text encoder '{text_encoder.name}'")
+        for note in notes:
+            log.warning("ELLA Prompt Encode: %s", note)
+        features = text_encoder.encode(text, settings)  # (1, L, D_llm)
         clip_tokens = clip_pooled = None
         if clip is not None:
             clip_tokens, clip_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)

@@ -89,4 +89,10 @@ def resolve_text_encoder(name: str) -> str:
             continue  # no escaping the model folders
         if os.path.exists(full):
             return full
-    raise FileNotFoundError(f"ELLA text encoder '{name}' not found in {roots}")
+    raise FileNotFoundError(f"ELLA text encoder '{name}' not found: put it in {where_to_put(*ENCODER_FOLDERS)}")
+
+
+def where_to_put(*kinds: str) -> str:
+    """Where a user puts files of these model kinds, relative (never the server's absolute paths)."""
+    listed = " or ".join(f"models/{kind}" for kind in kinds)
+    return f"{listed} (or a folder named {' / '.join(kinds)} in extra_model_paths.yaml)"

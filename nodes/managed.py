@@ -15,6 +15,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..ella_core import ELLA, EllaMetadata
+from ..ella_core.encoding_settings import EncodingSettings
 
 ENCODING_CACHE_SIZE = 32  # prompts kept per text encoder for graphs whose prompt changed back and forth
 
@@ -80,18 +81,32 @@ class ManagedTextEncoder:
     def hidden_size(self) -> int:
         return self.encoder.hidden_size
 
-    def encode(self, text: str) -> torch.Tensor:
-        """Prompt -> LLM features (1, L, hidden) float32 on CPU; cached by (prompt, mode, max_length)."""
-        key = (text, self.mode, self.max_length)
+    @property
+    def settings(self) -> EncodingSettings:
+        """What the loader's widgets ask for (a connector's metadata may override it: EllaTSCEncode)."""
+        return EncodingSettings(self.mode, self.max_length, self.encoder.hidden_layer)
+
+    def _encoder_for(self, hidden_layer: int | None):
+        """The encoder reading `hidden_layer`: the same model and tokenizer, another hidden-state index."""
+        if hidden_layer == self.encoder.hidden_layer:
+            return self.encoder
+        enc = self.encoder
+        return type(enc)(enc.model, enc.tokenizer, enc.family, name=enc.name, hidden_layer=hidden_layer)
+
+    def encode(self, text: str, settings: EncodingSettings | None = None) -> torch.Tensor:
+        """Prompt -> LLM features (1, L, hidden) float32 on CPU; cached by (prompt, settings)."""
+        settings = settings or self.settings
+        key = (text, settings)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+        encoder = self._encoder_for(settings.hidden_layer)  # checks the layer exists before any loading
         # Whole module onto its load device (evicting others if needed): plain HF layers cannot run split
         # across devices the way ComfyUI's cast-aware layers can in its partial ("lowvram") loads.
         mm.load_models_gpu([self.patcher], force_full_load=True)
         with torch.no_grad():
-            encoded = self.encoder.encode([text], mode=self.mode, max_length=self.max_length)
+            encoded = encoder.encode([text], mode=settings.mode, max_length=settings.max_length)
         # float32 and finite: ella_core's encode recomputes overflows and raises on anything non-finite
         features = encoded.prompt_features(0).detach().to("cpu")  # (1, L, D)
         with self._lock:

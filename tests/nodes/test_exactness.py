@@ -9,6 +9,7 @@ conds, a patched model_sampling, per-sample sigmas, call counts of the per-run c
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -350,9 +351,12 @@ def test_flexible_token_mode_prompts_of_different_lengths(env):
     """Flexible mode: prompts keep their own token counts (no padding, no repetition of features); positive
     and negative of different lengths still batch (the contexts have a fixed token count) and stay exact."""
     flexible = env.nodes.EllaTSCTextEncoderLoader.execute("tiny-t5", "fp32", "cpu", "flexible", 64).result[0]
+    # A connector trained in flexible mode: one that records "fixed" would (rightly) switch the encoding back.
+    connector = dataclasses.replace(env.connector, metadata=dataclasses.replace(env.connector.metadata,
+                                                                                token_mode="flexible"))
     long_text, short_text = "a very long prompt about a harbour with many boats at sunrise", "dark"
-    pos = env.nodes.EllaTSCEncode.execute(flexible, env.connector, long_text).result[0]
-    neg = env.nodes.EllaTSCEncode.execute(flexible, env.connector, short_text).result[0]
+    pos = env.nodes.EllaTSCEncode.execute(flexible, connector, long_text).result[0]
+    neg = env.nodes.EllaTSCEncode.execute(flexible, connector, short_text).result[0]
     feats = {0: pos[0][1]["model_conds"]["ella"].cond.features, 1: neg[0][1]["model_conds"]["ella"].cond.features}
     direct = {0: flexible.encoder.encode([long_text], mode="flexible", max_length=64).features,
               1: flexible.encoder.encode([short_text], mode="flexible", max_length=64).features}
