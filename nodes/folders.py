@@ -89,7 +89,8 @@ def resolve_text_encoder(name: str) -> str:
             continue  # no escaping the model folders
         if os.path.exists(full):
             return full
-    raise FileNotFoundError(f"ELLA text encoder '{name}' not found: put it in {where_to_put(*ENCODER_FOLDERS)}")
+    raise FileNotFoundError(f"ELLA text encoder '{name}' not found: put it in {where_to_put(*ENCODER_FOLDERS)}; "
+                            f"models/{REFERENCE_ENCODER_FOLDER} (the reference ELLA pack's folder) is searched too")
 
 
 def where_to_put(*kinds: str) -> str:

@@ -71,7 +71,7 @@ def text_encoder_problem(model_name: object) -> str | None:
     try:
         path = folders.resolve_text_encoder(model_name)
     except FileNotFoundError as e:
-        return f"{e} and refresh the node list"
+        return f"{e}; then refresh the node list"
     if os.path.isfile(path) and path.lower().endswith(".gguf"):
         try:
             check_gguf_file(path)
