@@ -51,9 +51,12 @@ def canonical_name(value: str | torch.dtype) -> str:
         for name, dtype in NAMES.items():
             if dtype == value:
                 return name
-        raise PrecisionError(f"text encoder dtype must be one of {', '.join(map(str, NAMES.values()))}, got {value}")
+        raise PrecisionError(f"text encoder dtype {value} is not supported; use one of {', '.join(CHOICES)}")
     if not isinstance(value, str):
-        raise PrecisionError(f"text encoder dtype must be a string or torch.dtype, got {type(value).__name__}")
+        raise PrecisionError(
+            f"text encoder dtype must be a name or torch.dtype, got {type(value).__name__} {value!r}; "
+            f"use one of {', '.join(CHOICES)}"
+        )
     key = value.strip().lower()
     if key in AUTO:
         return "auto"
