@@ -6,7 +6,6 @@ import os
 
 import torch
 
-import comfy
 import comfy.model_management as mm
 import folder_paths
 from comfy_api.latest import io
@@ -23,7 +22,7 @@ TextEncoderType = io.Custom("ELLA_TSC_TEXT_ENCODER")
 CATEGORY = "conditioning/ella"
 DTYPES = DTYPE_WIDGET  # default, then ella_core.dtypes' names (fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2)
 # Single-file T5 encoders with no tokenizer beside them use the T5 tokenizer ComfyUI ships.
-COMFY_T5_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(comfy.__file__)), "text_encoders", "t5_tokenizer")
+COMFY_T5_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(mm.__file__)), "text_encoders", "t5_tokenizer")
 set_fallback_t5_tokenizer(COMFY_T5_TOKENIZER)  # also for the token-count route
 
 
