@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 import pytest
 import torch
@@ -179,3 +180,38 @@ def test_fallback_tokenizer_is_only_for_t5_files(tmp_path, tiny_llama_dir, t5_to
     save_file(state, str(path))
     with pytest.raises(TextEncoderError, match="carries no tokenizer"):
         load_text_encoder(str(path), fallback_t5_tokenizer=str(t5_tokenizer_dir))
+
+
+def test_token_route_tokenizer_for_a_tokenizer_less_t5_file(tmp_path, tiny_t5_dir, t5_tokenizer_dir, monkeypatch):
+    """load_tokenizer (the web UI's token count) finds the same fallback the node pack registers."""
+    from ella_core import llm_loading
+    from ella_core.tokenization import load_tokenizer
+
+    path = write_t5_single_file(tiny_t5_dir, tmp_path / "t5.safetensors")
+    monkeypatch.setattr(llm_loading, "_fallback_t5_tokenizer", None)
+    with pytest.raises(TextEncoderError, match="carries no tokenizer"):
+        load_tokenizer(str(path))
+    llm_loading.set_fallback_t5_tokenizer(str(t5_tokenizer_dir))
+    enc = load_text_encoder(str(path), dtype="fp16")
+    tok = load_tokenizer(str(path))
+    assert tok.family == "t5"
+    for prompt, max_length in [("a cat", 8), ("a very long prompt " * 20, 16), ("", 4)]:
+        assert tok.count_tokens(prompt, max_length) == enc.count_tokens(prompt, max_length)
+
+
+@pytest.mark.parametrize("version", ["4.49.0", "4.50.2", "3.5.1"])
+def test_transformers_below_the_floor_is_refused_by_name(tiny_t5_dir, monkeypatch, version):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(TextEncoderError, match=rf"need transformers>=4\.50\.3, but {re.escape(version)} is installed"):
+        load_text_encoder(str(tiny_t5_dir))
+
+
+@pytest.mark.parametrize("version, keyword", [("4.50.3", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                              ("4.56.0", "dtype"), ("5.24.0", "dtype"), ("5.0.0rc1", "dtype")])
+def test_from_pretrained_dtype_keyword_by_version(monkeypatch, version, keyword):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert hf_dtype_kwargs(torch.float16) == {keyword: torch.float16}

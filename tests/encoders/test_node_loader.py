@@ -74,6 +74,10 @@ def test_single_t5_file_without_tokenizer_loads_through_the_node(comfy_env, no_f
 
 @pytest.mark.parametrize("flag", FLAGS)
 def test_comfy_precision_flags_take_effect(comfy_env, no_flags, flag, caplog):
+    from comfy.cli_args import parser
+
+    parsed = parser.parse_args([FLAGS[flag]])  # ComfyUI's own parser sets exactly the attribute the node reads
+    assert [f for f in FLAGS if getattr(parsed, f)] == [flag]
     setattr(no_flags, flag, True)
     expected = flag[: -len("_text_enc")]
     managed = _load(comfy_env, SINGLE, dtype="default")
