@@ -5,8 +5,9 @@ vocab 32128, gated-gelu; fewer layers with --layers) are written once as an fp16
 README's recipe, with `wo` in fp32 as transformers keeps it) with ComfyUI's T5 tokenizer.
 GGUF (--gguf FILE, default $ELLA_SMOLLM2_GGUF): a real quantised LLM, which transformers de-quantises at load.
 Each (model, dtype) runs in a fresh subprocess so its memory is its own: "weights" is the bytes of the loaded
-module's tensors, "RSS" the process's resident memory after loading (torch's own ~0.3-0.5 GiB included; the
-row "baseline" is a process that imported everything and loaded nothing), "peak" the maximum during load.
+module's tensors, "RSS" the process's resident memory after loading and encoding (every weight touched; torch's
+own memory included: the row "baseline" is a process that imported everything and loaded nothing), "peak" the
+high-water mark (VmHWM) over loading and encoding.
 
     python bench/bench_text_encoder.py [--layers 24] [--threads 2] [--dtypes fp32,bf16,fp16,fp8_e4m3fn]
                                        [--gguf FILE] [--gguf-dtypes bf16,fp16,fp8_e4m3fn] [--no-t5]
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -59,9 +59,13 @@ def write_model(folder: Path, layers: int) -> None:
         shutil.copy(item, folder / item.name)
 
 
-def _rss_gib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+def _status_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process; unlike ru_maxrss, VmHWM is not inherited from the parent."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(folder: str, dtype: str, threads: int) -> dict:
@@ -75,12 +79,11 @@ def measure(folder: str, dtype: str, threads: int) -> dict:
     from ella_core.text_encoder import load_text_encoder
 
     if dtype == "baseline":
-        return {"dtype": dtype, "ran_in": "-", "weights_gib": 0.0, "rss_gib": _rss_gib(),
-                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # fmt: skip
+        return {"dtype": dtype, "ran_in": "-", "weights_gib": 0.0, "rss_gib": _status_gib("VmRSS"),
+                "peak_rss_gib": _status_gib("VmHWM")}  # fmt: skip
     start = time.perf_counter()
     enc = load_text_encoder(folder, dtype=dtype)
     load_s = time.perf_counter() - start
-    rss = _rss_gib()
     tensors = [*enc.model.parameters(), *enc.model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors) / 2**30
     times = []
@@ -91,7 +94,7 @@ def measure(folder: str, dtype: str, threads: int) -> dict:
     return {
         "dtype": dtype, "ran_in": str(out.dtype).replace("torch.", ""), "load_s": load_s, "encode_first_s": times[0],
         "encode_s": times[1], "dropped": out.dropped[0], "overflow": out.overflow_recomputed,
-        "weights_gib": weights, "rss_gib": rss, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "weights_gib": weights, "rss_gib": _status_gib("VmRSS"), "peak_rss_gib": _status_gib("VmHWM"),
     }  # fmt: skip
 
 

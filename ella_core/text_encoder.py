@@ -76,14 +76,15 @@ def _half_tensors_in_fp32(model: torch.nn.Module) -> Iterator[None]:
     layers that transformers keeps in fp32.) fp8 weights stay: ella_core.cast_weights casts them to fp32.
     """
     saved = []
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
-                    saved.append((table, name, tensor))
-                    copy = tensor.detach().float()
-                    table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters else copy
-    try:
+    try:  # the copies are made inside the try: an out-of-memory half-way still restores what was swapped
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in list(table.items()):
+                    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+                        copy = tensor.detach().float()
+                        is_param = table is module._parameters
+                        table[name] = torch.nn.Parameter(copy, requires_grad=False) if is_param else copy
+                        saved.append((table, name, tensor))
         yield
     finally:
         for table, name, tensor in saved:

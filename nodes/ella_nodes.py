@@ -64,8 +64,9 @@ class EllaTSCTextEncoderLoader(io.ComfyNode):
                         "moves it to the GPU only while encoding.",
             inputs=[
                 io.Combo.Input("model_name", options=folders.list_text_encoders(),
-                               tooltip="HF model folder (with config.json), .gguf, or .safetensors with a tokenizer "
-                                       "folder beside it, in models/text_encoders or models/LLM."),
+                               tooltip="HF model folder (with config.json), .gguf, .safetensors with a tokenizer "
+                                       "folder beside it, or a single T5 encoder .safetensors (uses ComfyUI's T5 "
+                                       "tokenizer), in models/text_encoders or models/LLM."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="default",
                                tooltip="Weights dtype. default: ComfyUI's --*-text-enc flag if given, else fp16 "
                                        "(T5; ELLA's T5 was trained in fp16) or bf16 (other LLMs) on GPU, fp32 on "
