@@ -5,9 +5,10 @@ vocab 32128, gated-gelu; fewer layers with --layers) are written once as an fp16
 README's recipe, with `wo` in fp32 as transformers keeps it) with ComfyUI's T5 tokenizer.
 GGUF (--gguf FILE, default $ELLA_SMOLLM2_GGUF): a real quantised LLM, which transformers de-quantises at load.
 Each (model, dtype) runs in a fresh subprocess so its memory is its own: "weights" is the bytes of the loaded
-module's tensors, "RSS" the process's resident memory after loading and encoding (every weight touched; torch's
-own memory included: the row "baseline" is a process that imported everything and loaded nothing), "peak" the
-high-water mark (VmHWM) over loading and encoding.
+module's tensors (what it takes on the GPU, and in RAM when offloaded); after loading and encoding once, "private"
+is the process's anonymous resident memory and "mapped" its resident file pages (the safetensors file is
+memory-mapped: clean page cache the kernel can drop), torch's own included: the row "baseline" is a process that
+imported everything and loaded nothing; "peak" is the high-water mark (VmHWM) of the two together.
 
     python bench/bench_text_encoder.py [--layers 24] [--threads 2] [--dtypes fp32,bf16,fp16,fp8_e4m3fn]
                                        [--gguf FILE] [--gguf-dtypes bf16,fp16,fp8_e4m3fn] [--no-t5]
@@ -60,12 +61,17 @@ def write_model(folder: Path, layers: int) -> None:
 
 
 def _status_gib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process; unlike ru_maxrss, VmHWM is not inherited from the parent."""
+    """VmHWM (peak), RssAnon (private) or RssFile (mapped files) of this process, from /proc/self/status
+    (unlike ru_maxrss, VmHWM is not inherited from the parent process)."""
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _memory() -> dict:
+    return {"anon_gib": _status_gib("RssAnon"), "file_gib": _status_gib("RssFile"), "peak_gib": _status_gib("VmHWM")}
 
 
 def measure(folder: str, dtype: str, threads: int) -> dict:
@@ -79,8 +85,7 @@ def measure(folder: str, dtype: str, threads: int) -> dict:
     from ella_core.text_encoder import load_text_encoder
 
     if dtype == "baseline":
-        return {"dtype": dtype, "ran_in": "-", "weights_gib": 0.0, "rss_gib": _status_gib("VmRSS"),
-                "peak_rss_gib": _status_gib("VmHWM")}  # fmt: skip
+        return {"dtype": dtype, "ran_in": "-", "weights_gib": 0.0, **_memory()}
     start = time.perf_counter()
     enc = load_text_encoder(folder, dtype=dtype)
     load_s = time.perf_counter() - start
@@ -94,7 +99,7 @@ def measure(folder: str, dtype: str, threads: int) -> dict:
     return {
         "dtype": dtype, "ran_in": str(out.dtype).replace("torch.", ""), "load_s": load_s, "encode_first_s": times[0],
         "encode_s": times[1], "dropped": out.dropped[0], "overflow": out.overflow_recomputed,
-        "weights_gib": weights, "rss_gib": _status_gib("VmRSS"), "peak_rss_gib": _status_gib("VmHWM"),
+        "weights_gib": weights, **_memory(),
     }  # fmt: skip
 
 
@@ -111,13 +116,14 @@ def run_children(source: str, dtypes: list[str], threads: int) -> list[dict]:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'dtype':11} {'ran in':9} {'weights GiB':>11} {'RSS GiB':>8} {'peak GiB':>9} {'load s':>7} "
-          f"{'1st encode s':>13} {'encode s':>9}")  # fmt: skip
+    print(f"{'dtype':11} {'ran in':9} {'weights GiB':>11} {'private GiB':>11} {'mapped GiB':>10} {'peak GiB':>9} "
+          f"{'load s':>7} {'1st encode s':>13} {'encode s':>9}")  # fmt: skip
     for r in rows:
+        memory = f"{r['weights_gib']:11.2f} {r['anon_gib']:11.2f} {r['file_gib']:10.2f} {r['peak_gib']:9.2f}"
         if r["dtype"] == "baseline":
-            print(f"{'baseline':11} {'-':9} {0:11.2f} {r['rss_gib']:8.2f} {r['peak_rss_gib']:9.2f}")
+            print(f"{'baseline':11} {'-':9} {memory}")
             continue
-        print(f"{r['dtype']:11} {r['ran_in']:9} {r['weights_gib']:11.2f} {r['rss_gib']:8.2f} {r['peak_rss_gib']:9.2f} "
+        print(f"{r['dtype']:11} {r['ran_in']:9} {memory} "
               f"{r['load_s']:7.2f} {r['encode_first_s']:13.2f} {r['encode_s']:9.2f}"
               + ("  (fp16 overflow, recomputed in fp32)" if r["overflow"] else ""))  # fmt: skip
 
