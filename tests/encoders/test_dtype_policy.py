@@ -215,3 +215,22 @@ def test_from_pretrained_dtype_keyword_by_version(monkeypatch, version, keyword)
 
     monkeypatch.setattr(transformers, "__version__", version)
     assert hf_dtype_kwargs(torch.float16) == {keyword: torch.float16}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8_e5m2"])
+def test_cast_aware_layers_change_nothing_when_weights_are_in_place(tiny_llama_dir, dtype):
+    """Wrapping every module (what the node does for partial loads) is bit-identical and leaves the weights be."""
+    from ella_core.cast_weights import make_cast_aware
+
+    plain = load_text_encoder(str(tiny_llama_dir), dtype=dtype)
+    wrapped = load_text_encoder(str(tiny_llama_dir), dtype=dtype)
+    modules = make_cast_aware(wrapped.model)
+    assert make_cast_aware(wrapped.model) == modules  # idempotent
+    held = {n: t for n, t in wrapped.model.state_dict(keep_vars=True).items()}
+    rotary = [m for m in modules if not any(True for _ in m.parameters(recurse=False))]
+    assert rotary, "buffer-only modules (rotary embedding) must be wrapped too"
+    prompts = ["a cat on the mat", "", "a big red car on the road at night"]
+    for mode in ("fixed", "flexible"):
+        assert torch.equal(wrapped.encode(prompts, mode=mode, max_length=8).features,
+                           plain.encode(prompts, mode=mode, max_length=8).features)
+    assert all(t is held[n] for n, t in wrapped.model.state_dict(keep_vars=True).items())
