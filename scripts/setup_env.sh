@@ -71,9 +71,13 @@ if [ ! -f "$FLOOR/.ready-$floor_hash" ]; then
   # shellcheck disable=SC2086
   quiet_pip "$VENV/bin/pip" install -q --no-deps --target "$floor_site" $TF_FLOOR_PINS
   echo "import site; site.addsitedir('$main_site')" > "$floor_site/zz_ella_main_venv.pth"
-  "$FLOOR/bin/python" -c "import transformers, torch; assert transformers.__version__ == '4.50.3'" \
-    || { log "the transformers-floor venv does not import transformers 4.50.3"; exit 1; }
-  touch "$FLOOR/.ready-$floor_hash"
+  # Not fatal here (the demo does not need it); scripts/test.sh refuses to skip it.
+  if "$FLOOR/bin/python" -c "import transformers, torch; assert transformers.__version__ == '4.50.3'"; then
+    touch "$FLOOR/.ready-$floor_hash"
+  else
+    log "the transformers-floor venv does not import transformers 4.50.3; removed it"
+    rm -rf "$FLOOR"
+  fi
 fi
 
 SMOL="$ELLA_ENV/smollm2"
