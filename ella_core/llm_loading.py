@@ -17,20 +17,16 @@ from typing import Any
 
 import torch
 
+from .cast_weights import store_linear_weights
+from .dtypes import Precision, PrecisionError, parse_precision
 from .state_dicts import layout_problems
 
 T5_MODEL_TYPES = ("t5", "umt5", "mt5")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-DTYPES = {
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}  # fmt: skip
-# T5: the released connector was trained on fp16 flan-t5-xl features. Decoders: bf16 keeps fp32's range
-# (decoder LLMs are trained in bf16 and often overflow fp16) at half the memory.
-DEFAULT_DTYPE = {"t5": torch.float16, "decoder": torch.bfloat16}
+# ComfyUI 0.3.75's own floor; the loading code below is tested on it and on the newest release.
+MIN_TRANSFORMERS = "4.50.3"
 
 
 class TextEncoderError(ValueError):
@@ -43,20 +39,37 @@ class LoadedLLM:
     tokenizer: Any  # a transformers tokenizer
     family: str  # "t5" | "decoder"
     name: str  # what the user pointed at, for messages
+    precision: Precision  # storage and compute dtype it was loaded in
 
 
-def parse_dtype(dtype: str | torch.dtype | None, family: str) -> torch.dtype:
-    """None/"auto" -> the family default; "fp16"/"bf16"/"fp32" (and torch dtypes) as asked."""
-    if dtype is None or dtype == "auto" or dtype == "default":
-        return DEFAULT_DTYPE[family]
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TextEncoderError(f"text encoder dtype must be float16, bfloat16 or float32, got {dtype}")
-        return dtype
+def transformers_version() -> tuple[int, ...]:
+    import transformers
+
+    return tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:3])
+
+
+def check_transformers() -> None:
+    """Refuse a transformers older than the floor with a message naming both versions."""
+    import transformers
+
+    floor = tuple(int(p) for p in MIN_TRANSFORMERS.split("."))
+    if transformers_version() < floor:
+        raise TextEncoderError(
+            f"ELLA's text encoders need transformers>={MIN_TRANSFORMERS}, but {transformers.__version__} is "
+            f"installed; run: pip install -U 'transformers>={MIN_TRANSFORMERS}'"
+        )
+
+
+def hf_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`from_pretrained` keyword for the weights dtype: `dtype=` since transformers 4.56, `torch_dtype=` before."""
+    return {"dtype" if transformers_version() >= (4, 56) else "torch_dtype": dtype}
+
+
+def _precision(dtype: str | torch.dtype | Precision | None, family: str) -> Precision:
     try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise TextEncoderError(f"unknown text encoder dtype {dtype!r}; use one of auto, fp16, bf16, fp32") from None
+        return parse_precision(dtype, family)
+    except PrecisionError as error:
+        raise TextEncoderError(str(error)) from None
 
 
 def family_of(model_type: str) -> str:
@@ -142,8 +155,33 @@ def tokenizer_beside(path: str) -> str | None:
     return next((c for c in _tokenizer_candidates(path) if has_tokenizer(c)), None)
 
 
-def tokenizer_location(source: str, tokenizer: str | None) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file) of the tokenizer that belongs to `source`."""
+_fallback_t5_tokenizer: str | None = None
+
+
+def set_fallback_t5_tokenizer(folder: str | None) -> None:
+    """Tokenizer folder for single-file T5 encoders with none beside them (the node pack sets ComfyUI's)."""
+    global _fallback_t5_tokenizer
+    _fallback_t5_tokenizer = os.fspath(folder) if folder else None
+
+
+def is_t5_encoder_file(path: str) -> bool:
+    """A .safetensors file whose header holds T5 encoder keys (read without loading any tensor)."""
+    if not path.lower().endswith(".safetensors"):
+        return False
+    try:
+        return looks_like_t5(_peek_shapes(path))
+    except TextEncoderError:
+        return False
+
+
+def tokenizer_location(
+    source: str, tokenizer: str | None, fallback_t5_tokenizer: str | None = None
+) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file) of the tokenizer that belongs to `source`.
+
+    A single T5 encoder file with no tokenizer beside it uses `fallback_t5_tokenizer` (default: the folder
+    given to set_fallback_t5_tokenizer): every T5/flan-T5 checkpoint shares the same SentencePiece vocabulary.
+    """
     if tokenizer is not None:
         if not os.path.exists(tokenizer) and not _HUB_ID.match(tokenizer):
             raise TextEncoderError(f"tokenizer folder {tokenizer} does not exist")
@@ -154,6 +192,9 @@ def tokenizer_location(source: str, tokenizer: str | None) -> tuple[str, str | N
         beside = tokenizer_beside(source)
         if beside is not None:
             return beside, None
+        fallback = fallback_t5_tokenizer or _fallback_t5_tokenizer
+        if fallback and has_tokenizer(fallback) and is_t5_encoder_file(source):
+            return fallback, None
         raise TextEncoderError(
             f"{source}: a single weights file carries no tokenizer, and none was found beside it "
             f"({', '.join(_tokenizer_candidates(source))}); "
@@ -299,8 +340,11 @@ def load_single_file(path: str, config, dtype: torch.dtype, trust_remote_code: b
     state = _normalise_keys(state, expected, config)
     check_state_dict({k: tuple(v.shape) for k, v in state.items()}, expected, _tied_keys(cls), path)
     del skeleton
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    # transformers casts to `dtype` itself, keeping its _keep_in_fp32_modules (T5's `wo`) in fp32 as the
+    # README's fp16 recipe writes them: pre-casting here would round those to fp16 first.
+    model, info = cls.from_pretrained(
+        None, config=config, state_dict=state, output_loading_info=True, **hf_dtype_kwargs(dtype)
+    )
     _check_loading_info(info, path)
     return model
 
@@ -314,15 +358,31 @@ def _load_pretrained(source: str, config, dtype: torch.dtype, trust_remote_code:
     cls = model_class_for(config)
     try:
         model, info = cls.from_pretrained(
-            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
-        )
-    except pickle.UnpicklingError as error:
+            source, config=config, trust_remote_code=trust_remote_code, output_loading_info=True,
+            **hf_dtype_kwargs(dtype), **kwargs,
+        )  # fmt: skip
+    except (pickle.UnpicklingError, OSError) as error:  # transformers < 4.56 wraps the unpickling error
+        unpickling = _in_chain(error, pickle.UnpicklingError)
+        if unpickling is None:
+            raise
+        error = unpickling
         raise TextEncoderError(
             f"{name}: refusing to load: its .bin weights are not loadable with torch.load(weights_only=True) "
             f"({str(error).splitlines()[0]}). Convert them to .safetensors"
         ) from error
     _check_loading_info(info, name)
     return model
+
+
+def _in_chain(error: BaseException, cls: type) -> BaseException | None:
+    """`error` or the first exception of type `cls` among its causes / contexts."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, cls):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _folder_weights_kwargs(folder: str) -> dict[str, Any]:
@@ -341,15 +401,21 @@ def load_llm(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     family: str | None = None,
+    fallback_t5_tokenizer: str | None = None,
 ) -> LoadedLLM:
-    """Resolve `source` (folder | hub id | .safetensors/.pt | .gguf), load model + tokenizer, frozen, on CPU."""
+    """Resolve `source` (folder | hub id | .safetensors/.pt | .gguf), load model + tokenizer, frozen, on CPU.
+
+    dtype: a name of ella_core.dtypes (None/"auto": the family default). fp8 names load in the compute dtype,
+    then hold the Linear weights in fp8 (ella_core.cast_weights).
+    """
     from transformers import AutoConfig
 
+    check_transformers()
     source = os.fspath(source)
     name = source
     lower = source.lower()
     local = os.path.exists(source) or tokenizer is not None
-    tok_path, tok_gguf = tokenizer_location(source, tokenizer) if local else (source, None)
+    tok_path, tok_gguf = tokenizer_location(source, tokenizer, fallback_t5_tokenizer) if local else (source, None)
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise TextEncoderError(f"{source}: the folder has no config.json; it is not a Hugging Face model folder")
     if local:  # the tokenizer is cheap and fails fast, so load it before the weights
@@ -362,8 +428,8 @@ def load_llm(
         except Exception as error:
             raise TextEncoderError(f"{source}: transformers cannot read this GGUF file ({error})") from error
         fam = _resolve_family(config, family, name)
-        torch_dtype = parse_dtype(dtype, fam)
-        model = _load_pretrained(folder, config, torch_dtype, trust_remote_code, name, gguf_file=source)
+        precision = _precision(dtype, fam)
+        model = _load_pretrained(folder, config, precision.compute, trust_remote_code, name, gguf_file=source)
     elif os.path.isfile(source):
         if not lower.endswith((".safetensors", ".bin", ".pt", ".pth")):
             raise TextEncoderError(f"{source}: unsupported file type; expected .safetensors, .gguf or a HF folder")
@@ -371,22 +437,24 @@ def load_llm(
         state_shapes = _peek_shapes(source)
         config = _config_for_file(source, tokenizer_dir, state_shapes, trust_remote_code)
         fam = _resolve_family(config, family, name)
-        model = load_single_file(source, config, parse_dtype(dtype, fam), trust_remote_code)
+        precision = _precision(dtype, fam)
+        model = load_single_file(source, config, precision.compute, trust_remote_code)
     elif os.path.isdir(source):
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (ValueError, OSError, KeyError) as error:  # unknown model_type, custom code without trust, bad JSON
             raise TextEncoderError(f"{source}: transformers cannot use its config.json: {error}") from error
         fam = _resolve_family(config, family, name)
+        precision = _precision(dtype, fam)
         model = _load_pretrained(
-            source, config, parse_dtype(dtype, fam), trust_remote_code, name, **_folder_weights_kwargs(source)
+            source, config, precision.compute, trust_remote_code, name, **_folder_weights_kwargs(source)
         )
     elif _HUB_ID.match(source) and not lower.endswith((".safetensors", ".gguf", ".bin", ".pt", ".pth")):
         try:  # the normal hub download (cached by huggingface_hub); weights_only refuses pickled code
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             fam = _resolve_family(config, family, name)
-            torch_dtype = parse_dtype(dtype, fam)
-            model = _load_pretrained(source, config, torch_dtype, trust_remote_code, name, weights_only=True)
+            precision = _precision(dtype, fam)
+            model = _load_pretrained(source, config, precision.compute, trust_remote_code, name, weights_only=True)
         except OSError as error:
             raise TextEncoderError(
                 f"{source}: not a local file or folder, and downloading it from the Hugging Face hub failed "
@@ -399,7 +467,9 @@ def load_llm(
 
     if not local:  # hub id: the tokenizer comes with the download
         hf_tokenizer = load_hf_tokenizer(tok_path, trust_remote_code=trust_remote_code, name=name)
-    return LoadedLLM(model=_freeze(model), tokenizer=hf_tokenizer, family=fam, name=name)
+    if precision.is_fp8:
+        store_linear_weights(model, precision.storage, precision.compute)
+    return LoadedLLM(model=_freeze(model), tokenizer=hf_tokenizer, family=fam, name=name, precision=precision)
 
 
 def _peek_shapes(path: str) -> dict[str, tuple[int, ...]]:

@@ -8,18 +8,22 @@ Decisions (see docs/CONTRACT.md, encoder section):
   `token_counts` marking the valid tokens. Use `EncodedText.prompt_features(i)` to get one prompt's tokens.
 - Half precision without a CPU kernel ("... not implemented for 'Half'") falls back to fp32 with a warning.
 - fp16 overflow (inf/NaN, or T5 hidden states at transformers' fp16 clamp value) is recomputed in fp32
-  with a warning and flagged in `EncodedText.overflow_recomputed`; never returned silently.
+  with a warning and flagged in `EncodedText.overflow_recomputed`; never returned silently. The recompute
+  swaps fp32 copies in for the half-precision tensors and then puts the very same tensor objects back, so
+  the encoder is left exactly as loaded (T5's fp32 `wo` layers stay fp32, fp8 weights stay fp8).
 - The device is read from the module's parameters at every call: ComfyUI may have moved it.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from .dtypes import Precision
 from .llm_loading import TextEncoderError, load_llm
 from .tokenization import PromptTokenizer, TokenCount, check_mode, load_tokenizer
 
@@ -64,6 +68,29 @@ class EncodedText:
         return self.features[index : index + 1, : self.token_counts[index]]
 
 
+@contextmanager
+def _half_tensors_in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """fp32 copies of every fp16/bf16 parameter and buffer for the duration; then the originals, untouched.
+
+    (`model.to(fp32); model.to(fp16)` would not restore a model whose dtypes are mixed, e.g. T5's `wo`
+    layers that transformers keeps in fp32.) fp8 weights stay: ella_core.cast_weights casts them to fp32.
+    """
+    saved = []
+    try:  # the copies are made inside the try: an out-of-memory half-way still restores what was swapped
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in list(table.items()):
+                    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+                        copy = tensor.detach().float()
+                        is_param = table is module._parameters
+                        table[name] = torch.nn.Parameter(copy, requires_grad=False) if is_param else copy
+                        saved.append((table, name, tensor))
+        yield
+    finally:
+        for table, name, tensor in saved:
+            table[name] = tensor
+
+
 def _missing_half_kernel(error: RuntimeError) -> bool:
     text = str(error)
     return "not implemented for" in text and ("'Half'" in text or "'BFloat16'" in text)
@@ -80,6 +107,7 @@ class LLMTextEncoder:
         self.name = name
         self.hidden_layer = hidden_layer
         self.fell_back_to_fp32 = False
+        self.precision: Precision | None = None  # as loaded (ella_core.dtypes), when load_text_encoder made it
         layers = self.num_layers
         if hidden_layer is not None and not -(layers + 1) <= hidden_layer <= layers:
             raise TextEncoderError(
@@ -104,7 +132,8 @@ class LLMTextEncoder:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The compute dtype: that of the input embeddings (fp8-stored Linear weights are cast to it)."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -163,12 +192,8 @@ class LLMTextEncoder:
             )
             logger.warning(message)
             notes.append(message)
-            original = self.dtype
-            self.model.to(torch.float32)  # lossless round trip for fp16/bf16 weights
-            try:
+            with _half_tensors_in_fp32(self.model):
                 features, _ = self._forward(input_ids, mask)
-            finally:
-                self.model.to(original)
             self._check_finite(features)
             return features, True
         self._check_finite(features)
@@ -233,17 +258,23 @@ def load_text_encoder(
     hidden_layer: int | None = None,
     trust_remote_code: bool = False,
     family: str | None = None,
+    fallback_t5_tokenizer: str | None = None,
 ) -> LLMTextEncoder:
-    """Load a T5-family encoder or a decoder LLM (folder | hub id | .safetensors + tokenizer | .gguf).
+    """Load a T5-family encoder or a decoder LLM (folder | hub id | .safetensors [+ tokenizer] | .gguf).
 
-    dtype: None/"auto" -> fp16 for T5 (what the released connector saw), bf16 for decoders; "fp16", "bf16",
-    "fp32" as asked. hidden_layer: index into the hidden states (0 = embeddings, -1 = last, the default).
+    dtype: a name of ella_core.dtypes: None/"auto" -> fp16 for T5 (what the released connector saw), bf16 for
+    decoders; "fp16", "bf16", "fp32"; "fp8_e4m3fn"/"fp8_e5m2" store Linear weights in fp8 and compute in the
+    family default. hidden_layer: index into the hidden states (0 = embeddings, -1 = last, the default).
+    fallback_t5_tokenizer: tokenizer folder for a single T5 file with none beside it (e.g. ComfyUI's).
     """
-    loaded = load_llm(source, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+    loaded = load_llm(source, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, family=family,
+                      fallback_t5_tokenizer=fallback_t5_tokenizer)
     if device is not None:
         loaded.model.to(device)
     prompt_tokenizer = PromptTokenizer(loaded.tokenizer, loaded.family)
-    return LLMTextEncoder(loaded.model, prompt_tokenizer, loaded.family, name=loaded.name, hidden_layer=hidden_layer)
+    encoder = LLMTextEncoder(loaded.model, prompt_tokenizer, loaded.family, name=loaded.name, hidden_layer=hidden_layer)
+    encoder.precision = loaded.precision
+    return encoder
 
 
 __all__ = [

@@ -3,7 +3,8 @@
 Modes:
 - "fixed": truncate and pad to `max_length` (default 128), as the released connector was trained; the
   attention mask goes to the LLM and every position (padding included) goes on to the connector.
-- "flexible": no padding, no truncation.
+- "flexible": no padding; truncated to `max_length` like fixed mode (so no prompt grows the LLM's input
+  without bound), but a shorter prompt keeps its own length.
 Special tokens are the tokenizer's own: T5 appends EOS (no BOS), decoders add BOS where their tokenizer does.
 Every prompt yields at least one token (T5 "" -> EOS; a decoder's "" -> its BOS, else EOS), so the
 reference negative prompt "" encodes like the reference.
@@ -38,8 +39,8 @@ class TokenCount:
 def check_mode(mode: str, max_length: int) -> None:
     if mode not in MODES:
         raise ValueError(f"token mode must be one of {MODES}, got {mode!r}")
-    if mode == "fixed" and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
-        raise ValueError(f"max_length must be a positive integer in fixed mode, got {max_length!r}")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
 
 
 class PromptTokenizer:
@@ -76,7 +77,7 @@ class PromptTokenizer:
         if not ids:
             ids = [self._fallback_id()]
         total = len(ids)
-        if mode == "flexible" or total <= max_length:
+        if total <= max_length:  # both modes truncate to max_length; only fixed mode pads
             return ids, TokenCount(total, total, 0, "")
         content, offsets = self._content(text)
         prefix, suffix = _special_parts(ids, content)

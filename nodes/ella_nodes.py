@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -13,15 +14,19 @@ from comfy_api.latest import io
 from ..ella_core import load_ella_with_metadata
 from ..ella_core.conditioning import EllaPrompt, check_context_width
 from ..ella_core.encoding_settings import settings_for_connector
+from ..ella_core.llm_loading import set_fallback_t5_tokenizer
 from ..ella_core.text_encoder import check_width, load_text_encoder
 from . import folders, hook, validation
-from .managed import ManagedConnector, ManagedTextEncoder
+from .managed import DTYPE_WIDGET, ManagedConnector, ManagedTextEncoder, text_encoder_precision
 
 log = logging.getLogger(__name__)
 ELLAType = io.Custom("ELLA_TSC_CONNECTOR")
 TextEncoderType = io.Custom("ELLA_TSC_TEXT_ENCODER")
 CATEGORY = "conditioning/ella"
-DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = DTYPE_WIDGET  # default, then ella_core.dtypes' names (fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2)
+# Single-file T5 encoders with no tokenizer beside them use the T5 tokenizer ComfyUI ships.
+COMFY_T5_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(mm.__file__)), "text_encoders", "t5_tokenizer")
+set_fallback_t5_tokenizer(COMFY_T5_TOKENIZER)  # also for the token-count route
 
 
 def _model_context_dim(model) -> int | None:
@@ -67,16 +72,20 @@ class EllaTSCTextEncoderLoader(io.ComfyNode):
                         "moves it to the GPU only while encoding.",
             inputs=[
                 io.Combo.Input("model_name", options=folders.list_text_encoders(),
-                               tooltip="HF model folder (with config.json), .gguf, or .safetensors with a tokenizer "
-                                       "folder beside it, in models/text_encoders, models/LLM or models/ella_encoder."),
+                               tooltip="HF model folder (with config.json), .gguf, .safetensors with a tokenizer "
+                                       "folder beside it, or a single T5 encoder .safetensors (uses ComfyUI's T5 "
+                                       "tokenizer), in models/text_encoders, models/LLM or models/ella_encoder."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="default",
-                               tooltip="Weights dtype. default: fp16 on GPU, fp32 on CPU. ELLA's T5 was trained in fp16."),
+                               tooltip="Weights dtype. default: ComfyUI's --*-text-enc flag if given, else fp16 "
+                                       "(T5; ELLA's T5 was trained in fp16) or bf16 (other LLMs) on GPU, fp32 on "
+                                       "CPU. fp8: Linear weights stored in fp8, computed in fp16/bf16."),
                 io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",
                                tooltip="auto: ComfyUI's text-encoder device; cpu keeps the LLM off the GPU entirely."),
                 io.Combo.Input("token_mode", options=["fixed", "flexible"], default="fixed",
                                tooltip="fixed: pad/truncate to max_length as in training; flexible: no padding."),
                 io.Int.Input("max_length", default=128, min=1, max=4096,
-                             tooltip="Token length (fixed mode) or truncation limit (flexible mode)."),
+                             tooltip="Token length (fixed mode: pad and truncate to it) or truncation limit "
+                                     "(flexible mode: shorter prompts keep their length, longer ones are cut)."),
             ],
             outputs=[TextEncoderType.Output(display_name="TEXT_ENCODER", tooltip="The managed LLM encoder.")],
         )
@@ -97,8 +106,9 @@ class EllaTSCTextEncoderLoader(io.ComfyNode):
             load_device, offload_device = mm.get_torch_device(), mm.text_encoder_offload_device()
         else:
             load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        torch_dtype = DTYPES[dtype] or (torch.float32 if load_device.type == "cpu" else mm.text_encoder_dtype(load_device))
-        encoder = load_text_encoder(path, dtype=torch_dtype, device=offload_device)  # finds a tokenizer beside files
+        precision = text_encoder_precision(dtype, load_device)  # the widget, else ComfyUI's --*-text-enc flag
+        encoder = load_text_encoder(path, dtype=precision, device=offload_device,  # finds a tokenizer beside files
+                                    fallback_t5_tokenizer=COMFY_T5_TOKENIZER)
         return io.NodeOutput(ManagedTextEncoder.create(encoder, model_name, load_device, offload_device,
                                                        token_mode, max_length))
 

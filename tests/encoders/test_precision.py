@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from ella_core.llm_loading import hf_dtype_kwargs
 from ella_core.text_encoder import load_text_encoder
 
 from encoder_builders import build_t5_folder
@@ -23,7 +24,7 @@ def test_t5_dtypes(tiny_t5_dir, tiny_t5_fp32, dtype, torch_dtype, tol):
     out = enc.encode(PROMPTS)
     assert out.features.dtype == torch.float32 and out.dtype == torch_dtype and not out.overflow_recomputed
     # same numbers as transformers' own model in that dtype...
-    hf = T5EncoderModel.from_pretrained(tiny_t5_dir, dtype=torch_dtype).eval()
+    hf = T5EncoderModel.from_pretrained(tiny_t5_dir, **hf_dtype_kwargs(torch_dtype)).eval()
     ids, mask = enc.tokenizer.pad([enc.tokenizer.tokenize(p)[0] for p in PROMPTS], 128)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state.float()
@@ -78,7 +79,7 @@ def hot_t5_dir(request, tmp_path_factory):
 def test_fp16_overflow_is_detected_and_recomputed(hot_t5_dir, caplog):
     from transformers import T5EncoderModel
 
-    hf16 = T5EncoderModel.from_pretrained(hot_t5_dir, dtype=torch.float16).eval()
+    hf16 = T5EncoderModel.from_pretrained(hot_t5_dir, **hf_dtype_kwargs(torch.float16)).eval()
     enc = load_text_encoder(str(hot_t5_dir))
     ids, mask = enc.tokenizer.pad([enc.tokenizer.tokenize(PROMPTS[0])[0]], 128)
     with torch.no_grad():

@@ -49,8 +49,6 @@ def test_flexible_mode_batch_equals_separate(tiny_t5_fp32, tiny_t5_hf, hf_t5_tok
         assert torch.all(batched.features[i, n:] == 0)
         ref, _ = hf_features(tiny_t5_hf, hf_t5_tokenizer, [prompt])
         torch.testing.assert_close(alone.features, ref, rtol=1e-5, atol=1e-5)
-    long = tiny_t5_fp32.encode(LONG, mode="flexible", max_length=16)  # flexible never truncates
-    assert long.dropped == [0] and long.token_counts[0] > 128
 
 
 def test_truncation_is_reported(tiny_t5_fp32, hf_t5_tokenizer):

@@ -56,11 +56,10 @@ function describe(result) {
   }
   if (result.unconnected) return { text: "tokens: connect a Load ELLA Text Encoder node", state: "unconnected" };
   if (result.error) return { text: `tokens: ${result.error}`, state: "error" };
-  if (result.mode === "flexible" || result.max_length == null) {
-    return { text: `${result.total} tokens (flexible length, nothing truncated)`, state: "ok" };
-  }
+  if (result.max_length == null) return { text: `${result.total} tokens`, state: "ok" };
   const over = result.dropped > 0;
-  let text = `${result.total} / ${result.max_length} tokens`;
+  // Both modes truncate at max_length; flexible mode only does not pad shorter prompts.
+  let text = `${result.total} / ${result.max_length} tokens` + (result.mode === "flexible" ? " (flexible)" : "");
   if (over) {
     const tail = result.dropped_text.length > 160 ? result.dropped_text.slice(0, 160) + "…" : result.dropped_text;
     text += ` — over the limit: ${result.dropped} tokens truncated: "${tail}"`;
