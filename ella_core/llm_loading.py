@@ -19,6 +19,7 @@ import torch
 
 from .cast_weights import store_linear_weights
 from .dtypes import Precision, PrecisionError, parse_precision
+from .gguf_check import GGUFFileError, check_gguf_file
 from .state_dicts import layout_problems
 
 T5_MODEL_TYPES = ("t5", "umt5", "mt5")
@@ -418,6 +419,11 @@ def load_llm(
     tok_path, tok_gguf = tokenizer_location(source, tokenizer, fallback_t5_tokenizer) if local else (source, None)
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise TextEncoderError(f"{source}: the folder has no config.json; it is not a Hugging Face model folder")
+    if os.path.isfile(source) and lower.endswith(".gguf"):
+        try:
+            check_gguf_file(source)  # a cut-short file fails here in milliseconds, not in the tokenizer's parse
+        except GGUFFileError as error:
+            raise TextEncoderError(str(error)) from error
     if local:  # the tokenizer is cheap and fails fast, so load it before the weights
         hf_tokenizer = load_hf_tokenizer(tok_path, gguf_file=tok_gguf, trust_remote_code=trust_remote_code, name=name)
 

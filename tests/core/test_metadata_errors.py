@@ -102,3 +102,15 @@ def test_truncated_gguf_through_load_tokenizer(gguf_path, tmp_path):
         dst.write(src.read(os.path.getsize(gguf_path) // 2))
     with pytest.raises(GGUFFileError, match="half.gguf is truncated: its header describes 272 tensors"):
         load_tokenizer(str(cut))
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.99])
+def test_truncated_gguf_through_load_text_encoder(gguf_path, tmp_path, fraction):
+    """The trainer's and scripts' path (ella_core.load_text_encoder) names the file before any parsing."""
+    from ella_core import TextEncoderError, load_text_encoder
+
+    cut = tmp_path / "cut-encoder.gguf"
+    with open(gguf_path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(int(os.path.getsize(gguf_path) * fraction)))
+    with pytest.raises(TextEncoderError, match="cut-encoder.gguf"):
+        load_text_encoder(str(cut))
