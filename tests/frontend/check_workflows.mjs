@@ -3,7 +3,7 @@
 // (test_frontend.py); this script only observes.
 //
 // node check_workflows.mjs CONFIG.json   (CONFIG: {server, workflows: {name: path}, user_data_dir, screenshot,
-//                                          text_encoder_name, long_prompt, short_prompt, out})
+//                                          text_encoder_name, connector_name, long_prompt, short_prompt, out})
 import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
@@ -83,17 +83,20 @@ try {
   const tokenWorkflow = JSON.parse(fs.readFileSync(config.workflows[config.token_workflow], "utf8"));
   for (const n of tokenWorkflow.nodes) {
     if (n.type === "EllaTSCTextEncoderLoader") n.widgets_values[0] = config.text_encoder_name;
+    if (n.type === "EllaTSCConnectorLoader") n.widgets_values[0] = config.connector_name;
   }
   await page.evaluate(() => {
     const realFetch = window.fetch;
     window.fetch = async (...args) => {
       const url = String(args[0]?.url ?? args[0]);
+      if (url.includes("/ella/tokenize")) window.__ellaBodies.push(JSON.parse(args[1]?.body ?? "{}"));
       if (url.includes("/ella/tokenize") && window.__ellaDelayMs) {
         await new Promise((r) => setTimeout(r, window.__ellaDelayMs));
       }
       return realFetch(...args);
     };
     window.__ellaDelayMs = 1500;
+    window.__ellaBodies = [];
     window.__ellaStates = [];
     const last = new Map();
     window.__ellaPoll = setInterval(() => {
@@ -118,6 +121,7 @@ try {
     window.__ellaDelayMs = 0;
     return window.__ellaStates;
   });
+  report.tokens.request_bodies = await page.evaluate(() => window.__ellaBodies);
 
   const readTokens = (prompt) => page.evaluate(async (prompt) => {
     const node = window.app.graph.nodes.find((n) => n.comfyClass === "EllaTSCEncode");

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from tests.support.comfy_server import ComfyServer
-from tests.support.tiny_models import t5_tokenizer_dir, write_all
+from tests.support.tiny_models import t5_tokenizer_dir, write_all, write_tiny_ella
 from tests.workflows.examples import example_files, write_input_image  # puts scripts/ on sys.path
 
 from workflow_to_prompt import workflow_to_prompt  # noqa: E402  (scripts/)
@@ -49,6 +49,9 @@ def _need_browser() -> str:
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy-frontend")
     tiny = write_all(base / "models")
+    # A connector's recorded token length wins over the loader's widget (the counter sends ella_name): record
+    # the examples' max_length, so the counts below are against MAX_LENGTH.
+    write_tiny_ella(base / "models", token_length=MAX_LENGTH)
     write_input_image(base / "input" / "example.png")
     # First-run and missing-model dialogs would cover the canvas in the screenshot.
     settings = base / "user" / "default" / "comfy.settings.json"
@@ -129,7 +132,7 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
     config = {
         "server": server.url, "workflows": workflows, "token_workflow": "ELLA text to image (SD1.5)",
         "user_data_dir": str(tmp_path / "chromium-profile"), "screenshot": str(tmp_path / "ella_encode.png"),
-        "text_encoder_name": server.tiny.text_encoder, "short_prompt": SHORT_PROMPT, "long_prompt": LONG_PROMPT,
+        "text_encoder_name": server.tiny.text_encoder, "connector_name": server.tiny.ella, "short_prompt": SHORT_PROMPT, "long_prompt": LONG_PROMPT,
         "out": str(tmp_path / "report.json"),
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -181,6 +184,10 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
         assert kinds[-1] == "ok" and "pending" in kinds[:-1], seq
         assert any(f"loading the tokenizer of {server.tiny.text_encoder}" in s["text"] for s in seq
                    if s["state"] == "pending"), seq
+
+    # Each count names the connector wired into the node, so its recorded token settings apply (nodes/routes.py).
+    bodies = report["tokens"]["request_bodies"]
+    assert bodies and all(b.get("ella_name") == server.tiny.ella for b in bodies), bodies
 
     short, long = report["tokens"]["short"], report["tokens"]["long"]
     assert short["info"]["total"] == reference_count(SHORT_PROMPT) and short["over"] == "0", short

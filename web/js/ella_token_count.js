@@ -1,7 +1,8 @@
 // Live token count under the text of every "ELLA Prompt Encode" node.
 //
 // The count needs the tokenizer of the text encoder actually connected to the node, so the extension follows the
-// `text_encoder` link to the "Load ELLA Text Encoder" node, reads its model_name / token_mode / max_length widgets,
+// `text_encoder` link to the "Load ELLA Text Encoder" node, reads its model_name / token_mode / max_length widgets
+// (and the `ella` link's connector name, whose recorded token settings win),
 // and asks the server (POST /ella/tokenize, nodes/routes.py). Requests are debounced; the server caches tokenizers.
 // In fixed mode a prompt longer than max_length is truncated: the widget turns red and shows the dropped words;
 // the text wraps and the node grows to show all of it. Until the server answers (the first request for an encoder
@@ -12,6 +13,7 @@ import { api } from "../../../scripts/api.js";
 
 const ENCODE_NODE = "EllaTSCEncode";
 const LOADER_NODE = "EllaTSCTextEncoderLoader";
+const CONNECTOR_NODE = "EllaTSCConnectorLoader";
 const DEBOUNCE_MS = 350;
 const POLL_MS = 700; // catches changes that fire no event (loader widgets, rewiring, loading a workflow)
 const MIN_HEIGHT = 22;
@@ -25,18 +27,17 @@ function getLink(graph, id) {
   return graph.getLink?.(id) ?? graph.links?.get?.(id) ?? graph.links?.[id] ?? null;
 }
 
-/** The loader node feeding `node`'s text_encoder input, following reroutes; null when unconnected. */
-function findLoader(node) {
+/** The `loaderType` node feeding `node`'s `inputName` input, following reroutes; null when unconnected. */
+function findLoader(node, inputName = "text_encoder", loaderType = LOADER_NODE) {
   const graph = node.graph ?? app.graph;
   let current = node;
-  let inputName = "text_encoder";
   for (let hops = 0; hops < 32 && current; hops++) {
     const input = current.inputs?.find((i) => i.name === inputName) ?? (hops > 0 ? current.inputs?.[0] : null);
     const link = getLink(graph, input?.link);
     if (!link) return null;
     const origin = graph.getNodeById(link.origin_id);
     if (!origin) return null;
-    if (origin.comfyClass === LOADER_NODE || origin.type === LOADER_NODE) return origin;
+    if (origin.comfyClass === loaderType || origin.type === loaderType) return origin;
     current = origin; // Reroute or a pass-through node: keep walking
     inputName = null;
   }
@@ -161,6 +162,9 @@ function attach(node) {
       token_mode: widgetValue(loader, "token_mode") ?? "fixed",
       max_length: widgetValue(loader, "max_length") ?? 128,
     };
+    // The connector's recorded token mode/length win over the loader's widgets (as in ELLA Prompt Encode).
+    const ellaName = widgetValue(findLoader(node, "ella", CONNECTOR_NODE), "ella_name");
+    if (typeof ellaName === "string" && ellaName) payload.ella_name = ellaName;
     const key = JSON.stringify(payload);
     if (key === lastKey) return;
     lastKey = key;
