@@ -11,9 +11,10 @@ Many (prompt, t) pairs at once: `forward_many` stacks projected prompts of one t
 token side (the big matmuls) once for all rows, while everything that depends only on t (timestep MLP,
 AdaLN modulations, time-shifted latents) is computed per distinct t in the shapes of a batch of one. Every
 other op is row-independent, so row i equals `forward_projected(projected[i:i+1], t[i:i+1])` bit for bit
-wherever the BLAS gives a matrix product's rows independently of the row count (measured: always with one
-CPU thread; with several, MKL may split the reduction of the K >= 2048 products differently once there are
-hundreds of rows, and cuBLAS picks kernels by shape).
+wherever the BLAS gives a matrix product's rows independently of the row count. Measured with MKL on
+this CPU: always with one thread once every product has at least STACK_MIN_ROWS rows per prompt; with
+several threads MKL may split the reduction of the K >= 2048 products (proj_in, c_proj) differently once
+there are hundreds of rows; cuBLAS picks kernels by shape, so on a GPU expect last-bit differences.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from torch import nn
 from .config import ELLAConfig
 
 Timesteps = Union[int, float, torch.Tensor]
+# Fewest rows per prompt for which forward_many stacks prompts into one product: BLAS libraries compute
+# smaller matrices with kernels whose rounding depends on the row count (measured with MKL on AVX2: 8 rows
+# differ at K = 768, 16 do not). Connectors with fewer latents run their rows one at a time (released: 64).
+STACK_MIN_ROWS = 16
 
 
 def timestep_sinusoid(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -234,6 +239,8 @@ class ELLA(nn.Module):
         if t.numel() != projected.shape[0]:
             raise ValueError(f"ELLA: forward_many got {t.numel()} timesteps for {projected.shape[0]} rows")
         projected = projected.to(device=self.device, dtype=self.dtype)
+        if self.config.num_latents < STACK_MIN_ROWS and projected.shape[0] > 1:
+            return torch.cat([self.forward_many(projected[i:i + 1], t[i:i + 1]) for i in range(len(t))])
         values = t.tolist()
         distinct = list(dict.fromkeys(values))
         states = {v: self.time_state(v) for v in distinct}
