@@ -10,6 +10,8 @@ ComfyUI-free: the node pack's sampler hook (nodes/hook.py) does the ComfyUI plum
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -17,6 +19,20 @@ from typing import Callable, Optional
 import torch
 
 from .connector import ELLA
+
+
+COMPILE_ENV = "ELLA_TSC_COMPILE"  # "1": run the connector's forward through torch.compile (off by default)
+_COMPILED: "weakref.WeakKeyDictionary[ELLA, Callable]" = weakref.WeakKeyDictionary()
+
+
+def connector_forward(ella: ELLA) -> Callable:
+    """ella.forward_many, compiled when $ELLA_TSC_COMPILE is "1". Off by default: on CPU the connector is
+    bound by its matrix products, which compiling does not speed up; bench/gpu_check.py measures a GPU."""
+    if os.environ.get(COMPILE_ENV) != "1":
+        return ella.forward_many
+    if ella not in _COMPILED:
+        _COMPILED[ella] = torch.compile(ella.forward_many, dynamic=True)
+    return _COMPILED[ella]
 
 
 class ELLAShapeError(ValueError):
@@ -176,7 +192,7 @@ class ContextCache:
                     chunk = members[start:start + self.max_rows_per_forward]
                     projected = torch.cat([self._projected(rows[n][0], ella)[rows[n][1]:rows[n][1] + 1] for n in chunk])
                     t = torch.tensor([rows[n][2] for n in chunk], dtype=torch.float32)
-                    result = ella.forward_many(projected, t)  # (R, N, W)
+                    result = connector_forward(ella)(projected, t)  # (R, N, W)
                     self.stats.forwards += 1
                     for j, n in enumerate(chunk):
                         out[n] = result[j]
