@@ -6,8 +6,9 @@ tokens). Both graphs: KSampler-equivalent, positive + negative, cfg 5, same samp
 static graph's conditioning is a (1, 64, 768) tensor, the shape of ELLA's context. For each configuration
 (latent side x batch x sampler) the two graphs run alternately `--repeats` times after one warm-up each;
 printed: min and median seconds per step (wall clock, and CPU time of this process, which is steadier on a
-shared machine), the ratios ELLA / static, and the connector's work per run (contexts computed, forward
-passes, of which precomputed from the schedule). Small latents (8x8) make the connector's share as large as it
+shared machine), the ratios ELLA / static, the in-run ratio (an ELLA run's CPU time over the same run without
+the connector's own CPU time, immune to load changes between runs), and the connector's work per run
+(contexts computed, forward passes, of which precomputed from the schedule). Small latents (8x8) make the connector's share as large as it
 gets; at 64x64 (512 px) the UNet dominates.
 
     python bench/bench_sampling.py [--latent 8 64] [--batch 1 4] [--sampler euler heun] [--steps 4]
@@ -73,15 +74,17 @@ def run_config(unet, ella_model, hook, conds, latent: int, batch: int, sampler: 
     go = lambda m, p, n: time_run(m, p, n, latent, batch, args.steps, sampler)  # noqa: E731
     go(unet, plain_pos, plain_neg)  # warm-up: allocations, first-call overheads
     go(ella_model, ella_pos, ella_neg)
-    plain, ella = [], []
+    plain, ella, implied = [], [], []
     for _ in range(args.repeats):  # alternated so drifts in machine load hit both alike
         plain.append(go(unet, plain_pos, plain_neg))
         ella.append(go(ella_model, ella_pos, ella_neg))
+        connector_cpu = hook.installed_hook(ella_model).last_stats.cpu_seconds / args.steps
+        implied.append(ella[-1][1] / (ella[-1][1] - connector_cpu))  # same run: load drifts cancel
     stats = hook.installed_hook(ella_model).last_stats
-    return {"plain": plain, "ella": ella, "stats": stats}
+    return {"plain": plain, "ella": ella, "stats": stats, "implied": implied}
 
 
-def summary(label: str, runs: list, which: int) -> tuple[float, float]:
+def summary(runs: list, which: int) -> tuple[float, float]:
     values = [r[which] for r in runs]
     return min(values), statistics.median(values)
 
@@ -114,16 +117,19 @@ def main() -> None:
     print(f"UNet {unet_params / 1e6:.0f}M params ({args.dtype}, random), connector {ella_params / 1e6:.1f}M params "
           f"(runs in {running.module.dtype}), device {args.device}, {args.threads} thread(s), cfg 5, "
           f"{args.steps} steps, {args.repeats} alternated repeats after a warm-up", flush=True)
-    print("config                    | static s/step min  med | ELLA s/step min  med | ratio min  med "
-          "| CPU ratio min  med | contexts forwards precomputed per run", flush=True)
+    print("config                | static s/step min  med | ELLA s/step min  med | ratio min  med "
+          "| CPU ratio min  med | in-run min med | contexts forwards precomputed per run", flush=True)
+    print("(ratio: wall clock; CPU ratio: this process's CPU time; in-run: ELLA run CPU / (same run minus the "
+          "connector's CPU time), which no load drift between runs can skew)", flush=True)
     for latent, batch, sampler in itertools.product(args.latent, args.batch, args.sampler):
         r = run_config(unet, ella_model, hook, conds, latent, batch, sampler, args)
-        (pw, pwm), (ew, ewm) = summary("plain", r["plain"], 0), summary("ella", r["ella"], 0)
-        (pc, pcm), (ec, ecm) = summary("plain", r["plain"], 1), summary("ella", r["ella"], 1)
+        (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
+        (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
         s = r["stats"]
-        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<9}| {pw:9.4f} {pwm:9.4f} | {ew:9.4f} {ewm:9.4f} | "
-              f"{ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:9.3f} {ecm / pcm:.3f} | "
-              f"{s.connector_calls:8d} {s.forwards:8d} {s.precomputed:11d}", flush=True)
+        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}| {pw:9.4f} {pwm:9.4f} | {ew:9.4f} {ewm:9.4f} | "
+              f"{ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:9.3f} {ecm / pcm:.3f} | {min(r['implied']):8.3f} "
+              f"{statistics.median(r['implied']):.3f} | {s.connector_calls:8d} {s.forwards:8d} {s.precomputed:11d}",
+              flush=True)
     c = connector_step_seconds(running, prompts, 3 * args.repeats)
     print(f"connector alone, one step's 2 contexts in one forward: {c:.4f} s", flush=True)
 

@@ -11,6 +11,7 @@ ComfyUI-free: the node pack's sampler hook (nodes/hook.py) does the ComfyUI plum
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class CacheStats:
     connector_calls: int = 0  # contexts computed, one per (prompt row, timestep)
     forwards: int = 0  # connector forward passes (forward_many calls) that computed them
     precomputed: int = 0  # of connector_calls, computed ahead from the sampler's planned schedule
+    cpu_seconds: float = 0.0  # this thread's CPU time in the connector (projection included; the bench's figure)
 
 
 @dataclass
@@ -182,6 +184,13 @@ class ContextCache:
 
     def _compute(self, rows: list, ella: ELLA) -> list:
         """Contexts (N, W) of `rows`, stacked into forwards per token length, at most max_rows_per_forward each."""
+        start = time.thread_time()
+        try:
+            return self._compute_rows(rows, ella)
+        finally:
+            self.stats.cpu_seconds += time.thread_time() - start
+
+    def _compute_rows(self, rows: list, ella: ELLA) -> list:
         by_length: dict = {}
         for n, row in enumerate(rows):
             by_length.setdefault(row[0].features.shape[1], []).append(n)
