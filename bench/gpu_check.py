@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: only checks that it runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gpu_check_results.txt"))
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
     out = Report(Path(args.out))
@@ -114,6 +114,7 @@ def main() -> None:
     ella_core = h.pack_module("ella_core")
     device = torch.device("cpu") if args.smoke else torch.device("cuda")
     steps = args.steps or (2 if args.smoke else 10)
+    args.repeats = args.repeats or (1 if args.smoke else 3)
     unet_config = h.TINY_UNET if args.smoke else h.SD15_UNET
     ella_config = (ella_core.ELLAConfig(input_dim=64, layers=1, num_latents=16, time_channel=32, time_embed_dim=64)
                    if args.smoke else ella_core.ELLAConfig())
