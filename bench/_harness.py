@@ -22,9 +22,9 @@ SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
                  context_dim=768, num_heads=8, num_head_channels=-1, use_spatial_transformer=True, legacy=False,
                  adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False)
-# A one-level SD1.5-layout UNet (context 768) for quick smoke runs.
-TINY_UNET = dict(SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
-                 transformer_depth_output=[1, 1], transformer_depth_middle=1)
+# A one-level, 64-channel SD1.5-class UNet (context 768) for quick smoke runs.
+TINY_UNET = dict(SD15_UNET, model_channels=64, num_heads=4, num_res_blocks=[1], channel_mult=[1],
+                 transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1)
 
 
 def import_comfy(cpu: bool) -> None:
