@@ -170,9 +170,10 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             sample_seconds(ella_model, pos, neg, sides[0], batches[-1], 2, "euler", device)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda"
+                    else "n/a on the CPU")
             out(f"peak VRAM, sampling {sides[0]}x{sides[0]} batch {batches[-1]}, LLM "
-                f"({sum(p.numel() for p in llm.parameters()) / 1e9:.2f}B params) {where}: {peak:.2f} GiB")
+                f"({sum(p.numel() for p in llm.parameters()) / 1e6:.0f}M params) {where}: {peak}")
         del llm, unet, ella_model
         if device.type == "cuda":
             mm.unload_all_models()
