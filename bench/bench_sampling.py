@@ -1,18 +1,24 @@
-"""Seconds per sampling step with ELLA vs the same graph with plain conditioning of the same shape.
+"""Seconds per sampling step with ELLA's exact per-step conditioning vs the same graph with static conditioning.
 
-Runs ComfyUI in-process on the CPU with the real SD1.5 UNet architecture (random weights, 860 M parameters)
-and the released connector's architecture (random weights, 67 M parameters, T5-XL-sized 2048-wide features
-of 128 tokens). Both graphs: KSampler-equivalent, positive + negative, cfg > 1, same sampler and steps; the
-plain graph's conditioning is a (1, 64, 768) tensor, the shape of ELLA's context. Prints both timings and
-the ratio. Small latents (default 8x8, i.e. 64x64 pixels) make the connector's share look as large as it
-can get; at 512x512 (--latent 64) the UNet dominates.
+Runs ComfyUI in-process with the real SD1.5 UNet architecture (random weights, 860 M parameters) and the
+released connector's architecture (random weights, 67 M parameters, T5-XL-sized 2048-wide features of 128
+tokens). Both graphs: KSampler-equivalent, positive + negative, cfg 5, same sampler, steps and seed; the
+static graph's conditioning is a (1, 64, 768) tensor, the shape of ELLA's context. For each configuration
+(latent side x batch x sampler) the two graphs run alternately `--repeats` times after one warm-up each;
+printed: min and median seconds per step (wall clock, and CPU time of this process, which is steadier on a
+shared machine), the ratios ELLA / static, the in-run ratio (an ELLA run's CPU time over the same run without
+the connector's own CPU time, immune to load changes between runs), and the connector's work per run
+(contexts computed, forward passes, of which precomputed from the schedule). Small latents (8x8) make the connector's share as large as it
+gets; at 64x64 (512 px) the UNet dominates.
 
-    python bench/bench_sampling.py [--steps 8] [--repeats 3] [--latent 8] [--threads 1] [--sampler euler]
+    python bench/bench_sampling.py [--latent 8 64] [--batch 1 4] [--sampler euler heun] [--steps 4]
+                                   [--repeats 3] [--threads 1] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -20,114 +26,112 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.support import tiny_models as tm  # noqa: E402  (ComfyUI import helpers and random init)
+import _harness as h  # noqa: E402
 
-SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
-                 context_dim=768, num_heads=8, num_head_channels=-1, use_spatial_transformer=True, legacy=False,
-                 adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build_sd15():
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
-    model = config.get_model({})
-    gen = torch.Generator().manual_seed(0)
-    state = {k: tm._random_like(k, v.shape, gen) for k, v in model.diffusion_model.state_dict().items()}
-    model.diffusion_model.load_state_dict(state)
-    params = sum(v.numel() for v in state.values())
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), params
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def build_ella_conds(pack_nodes, hook, managed):
-    from ella_pack_under_test.ella_core import ELLA, ELLAConfig
-    from ella_pack_under_test.ella_core.conditioning import EllaPrompt
-
-    torch.manual_seed(0)
-    module = ELLA(ELLAConfig()).eval().requires_grad_(False)  # the released SD1.5 layout
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.02)
-    connector = managed.ManagedConnector.create(module, None, "bench")
-
-    def cond(seed):
-        g = torch.Generator().manual_seed(seed)
-        prompt = EllaPrompt(features=torch.randn(1, 128, 2048, generator=g), connector=connector, name="bench")
-        return [[torch.zeros(1, 64, 768), {"model_conds": {hook.COND_KEY: hook.ELLACond(prompt)},
-                                          "additional_models": [connector.patcher]}]]
-
-    return connector, cond(1), cond(2), sum(p.numel() for p in module.parameters())
-
-
-def time_run(model, pos, neg, args) -> float:
+def time_run(model, pos, neg, latent_side: int, batch: int, steps: int, sampler: str) -> tuple[float, float]:
+    """One sampling run -> (wall s/step, CPU s/step)."""
     import comfy.sample
 
-    latent = torch.zeros(1, 4, args.latent, args.latent)
+    latent = torch.zeros(batch, 4, latent_side, latent_side)
     noise = comfy.sample.prepare_noise(latent, 0)
-    start = time.perf_counter()
-    comfy.sample.sample(model, noise, args.steps, 5.0, args.sampler, "normal", pos, neg, latent, seed=0,
-                        disable_pbar=True)
-    return (time.perf_counter() - start) / args.steps
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    comfy.sample.sample(model, noise, steps, 5.0, sampler, "normal", pos, neg, latent, seed=0, disable_pbar=True)
+    sync()
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+
+def connector_step_seconds(connector, prompts, repeats: int) -> float:
+    """The connector alone for one step's rows (all prompts at one t, one forward), median seconds."""
+    ella = connector()
+    cond = h.pack_module("ella_core.conditioning")
+    times = []
+    for i in range(repeats):
+        cache = cond.ContextCache(connector=connector)
+        rows = [r for p in prompts for r in cache.rows(p, torch.tensor([float(999 - 37 * i)]))]
+        for p in prompts:
+            cache._projected(p, ella)  # projection is once per prompt and run: not part of a step
+        sync()
+        start = time.perf_counter()
+        cache.fetch(rows)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_config(unet, ella_model, hook, conds, latent: int, batch: int, sampler: str, args) -> dict:
+    (ella_pos, ella_neg), (plain_pos, plain_neg) = conds
+    go = lambda m, p, n: time_run(m, p, n, latent, batch, args.steps, sampler)  # noqa: E731
+    go(unet, plain_pos, plain_neg)  # warm-up: allocations, first-call overheads
+    go(ella_model, ella_pos, ella_neg)
+    plain, ella, implied = [], [], []
+    for _ in range(args.repeats):  # alternated so drifts in machine load hit both alike
+        plain.append(go(unet, plain_pos, plain_neg))
+        ella.append(go(ella_model, ella_pos, ella_neg))
+        connector_cpu = hook.installed_hook(ella_model).last_stats.cpu_seconds / args.steps
+        implied.append(ella[-1][1] / (ella[-1][1] - connector_cpu))  # same run: load drifts cancel
+    stats = hook.installed_hook(ella_model).last_stats
+    return {"plain": plain, "ella": ella, "stats": stats, "implied": implied}
+
+
+def summary(runs: list, which: int) -> tuple[float, float]:
+    values = [r[which] for r in runs]
+    return min(values), statistics.median(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--latent", type=int, nargs="+", default=[8], help="latent sides (pixels / 8)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--sampler", nargs="+", default=["euler"])
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--latent", type=int, default=8, help="latent side (pixels / 8)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="UNet weights (GPU: fp16/bf16)")
+    parser.add_argument("--tiny", action="store_true", help="one-level UNet, for a quick check that it runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    sys.path.insert(0, str(ROOT / "tests" / "nodes"))
-    tm.import_comfy()
-    from tests.nodes.inprocess import load_pack
-
-    load_pack()
-    import ella_pack_under_test.nodes.ella_nodes as pack_nodes
-    import ella_pack_under_test.nodes.hook as hook
-    import ella_pack_under_test.nodes.managed as managed
-
-    unet, unet_params = build_sd15()
-    connector, ella_pos, ella_neg, ella_params = build_ella_conds(pack_nodes, hook, managed)
-    ella_model = pack_nodes.EllaTSCTimestepConditioning.execute(unet, connector).result[0]
-    g = torch.Generator().manual_seed(3)
-    plain_pos = [[torch.randn(1, 64, 768, generator=g), {}]]
-    plain_neg = [[torch.randn(1, 64, 768, generator=g), {}]]
-
-    time_run(unet, plain_pos, plain_neg, args)  # warm-up (allocations, first-call overheads)
-    time_run(ella_model, ella_pos, ella_neg, args)
-    plain, ella = [], []
-    for _ in range(args.repeats):  # interleaved so drifts in machine load hit both alike
-        plain.append(time_run(unet, plain_pos, plain_neg, args))
-        ella.append(time_run(ella_model, ella_pos, ella_neg, args))
-    p, e = statistics.median(plain), statistics.median(ella)
-    module = connector.module  # the connector alone: what the hook adds per step (two prompts, one t each)
-    feats = [c[0][1]["model_conds"][hook.COND_KEY].cond.features for c in (ella_pos, ella_neg)]
-    with torch.no_grad():
-        projected = [module.project_text(f) for f in feats]
-        conn = []
-        for i in range(5 * args.repeats):
-            start = time.perf_counter()
-            for x in projected:
-                module.forward_projected(x, torch.tensor([float(999 - 37 * i)]))
-            conn.append(time.perf_counter() - start)
-    c = statistics.median(conn)
-    print(f"SD1.5 UNet {unet_params / 1e6:.0f}M params (random), connector {ella_params / 1e6:.1f}M params (random)")
-    print(f"latent {args.latent}x{args.latent}, batch 1, cfg 5 (cond+uncond), sampler {args.sampler}, "
-          f"{args.steps} steps, {args.threads} thread(s), median of {args.repeats}")
-    print(f"plain conditioning: {p:.4f} s/step   runs: {' '.join(f'{x:.4f}' for x in plain)}")
-    print(f"ELLA per-step hook: {e:.4f} s/step   runs: {' '.join(f'{x:.4f}' for x in ella)}")
-    print(f"ratio ELLA / plain: {e / p:.3f}")
-    print(f"connector alone (2 prompts, one step): {c:.4f} s = {100 * c / p:.1f}% of a plain step")
+    h.import_comfy(cpu=args.device == "cpu")
+    h.load_pack()
+    nodes, hook = h.pack_module("nodes.ella_nodes"), h.pack_module("nodes.hook")
+    unet, unet_params = h.build_unet(h.TINY_UNET if args.tiny else h.SD15_UNET, DTYPES[args.dtype])
+    connector = h.build_connector()
+    ella_pos, ella_neg = h.ella_conditioning(connector, 1, 128), h.ella_conditioning(connector, 2, 128)
+    ella_model = nodes.EllaTSCTimestepConditioning.execute(unet, connector).result[0]
+    running = hook.installed_hook(ella_model).connector
+    conds = ((ella_pos, ella_neg), (h.static_conditioning(3, 64, 768), h.static_conditioning(4, 64, 768)))
+    prompts = [c[0][1]["model_conds"][hook.COND_KEY].cond for c in (ella_pos, ella_neg)]
+    ella_params = sum(p.numel() for p in connector.module.parameters())
+    print(f"UNet {unet_params / 1e6:.0f}M params ({args.dtype}, random), connector {ella_params / 1e6:.1f}M params "
+          f"(runs in {running.module.dtype}), device {args.device}, {args.threads} thread(s), cfg 5, "
+          f"{args.steps} steps, {args.repeats} alternated repeats after a warm-up", flush=True)
+    print("config                | static s/step min  med | ELLA s/step min  med | ratio min  med "
+          "| CPU ratio min  med | in-run min med | contexts forwards precomputed per run", flush=True)
+    print("(ratio: wall clock; CPU ratio: this process's CPU time; in-run: ELLA run CPU / (same run minus the "
+          "connector's CPU time), which no load drift between runs can skew)", flush=True)
+    for latent, batch, sampler in itertools.product(args.latent, args.batch, args.sampler):
+        r = run_config(unet, ella_model, hook, conds, latent, batch, sampler, args)
+        (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
+        (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
+        s = r["stats"]
+        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}| {pw:9.4f} {pwm:9.4f} | {ew:9.4f} {ewm:9.4f} | "
+              f"{ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:9.3f} {ecm / pcm:.3f} | {min(r['implied']):8.3f} "
+              f"{statistics.median(r['implied']):.3f} | {s.connector_calls:8d} {s.forwards:8d} {s.precomputed:11d}",
+              flush=True)
+    c = connector_step_seconds(running, prompts, 3 * args.repeats)
+    print(f"connector alone, one step's 2 contexts in one forward: {c:.4f} s", flush=True)
 
 
 if __name__ == "__main__":

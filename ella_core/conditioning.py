@@ -3,12 +3,16 @@
 Sampler-agnostic by design: an `EllaPrompt` keeps the LLM features (never padded or repeated), the
 connector that reads them and optional CLIP tokens; `ContextCache.context(prompt, t)` turns them into the
 UNet context for the timestep the model is evaluated at. A cache lives for one sampling run, so the text
-projection is computed once per prompt and the connector once per (prompt, timestep).
+projection is computed once per prompt and the connector once per (prompt, timestep), batched: one forward
+for all prompts of a model call, a few for a whole planned schedule (`ContextCache.precompute`).
 ComfyUI-free: the node pack's sampler hook (nodes/hook.py) does the ComfyUI plumbing.
 """
 
 from __future__ import annotations
 
+import os
+import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -16,6 +20,20 @@ from typing import Callable, Optional
 import torch
 
 from .connector import ELLA
+
+
+COMPILE_ENV = "ELLA_TSC_COMPILE"  # "1": run the connector's forward through torch.compile (off by default)
+_COMPILED: "weakref.WeakKeyDictionary[ELLA, Callable]" = weakref.WeakKeyDictionary()
+
+
+def connector_forward(ella: ELLA) -> Callable:
+    """ella.forward_many, compiled when $ELLA_TSC_COMPILE is "1". Off by default: on CPU the connector is
+    bound by its matrix products, which compiling does not speed up; bench/gpu_check.py measures a GPU."""
+    if os.environ.get(COMPILE_ENV) != "1":
+        return ella.forward_many
+    if ella not in _COMPILED:
+        _COMPILED[ella] = torch.compile(ella.forward_many, dynamic=True)
+    return _COMPILED[ella]
 
 
 class ELLAShapeError(ValueError):
@@ -30,6 +48,35 @@ def check_context_width(connector: ELLA, model_context_dim: Optional[int], conne
             f"{connector_name} outputs context width {connector.config.width}, but {model_name} expects "
             f"cross-attention width {model_context_dim} (SD1.5 768, SDXL 2048). Use a connector made for this "
             "base model.")
+
+
+class ELLAConnectorMismatch(ValueError):
+    """A prompt encoded for one connector reached a sampler hook that runs another."""
+
+
+def _connector_label(connector) -> str:
+    name = getattr(connector, "name", None)
+    return f"'{name}'" if name else repr(connector)
+
+
+def _connector_config(connector):
+    module = getattr(connector, "module", None)
+    return getattr(module, "config", None)
+
+
+def check_same_connector(prompt: "EllaPrompt", connector) -> None:
+    """The connector that runs (the hook's) must be the one the prompt was encoded for: the same object, or
+    the same file (name) with the same config (two loaders of one file, or a dtype copy of it)."""
+    if connector is None or prompt.connector is connector:
+        return
+    same_name = getattr(prompt.connector, "name", None) == getattr(connector, "name", None) is not None
+    if same_name and _connector_config(prompt.connector) == _connector_config(connector):
+        return
+    raise ELLAConnectorMismatch(
+        f"ELLA: the prompt {prompt.text[:60]!r} was encoded by ELLA Prompt Encode for connector "
+        f"{_connector_label(prompt.connector)}, but ELLA Timestep Conditioning runs connector "
+        f"{_connector_label(connector)}. The connector wired into ELLA Timestep Conditioning is the one that runs: "
+        "connect the same Load ELLA Connector to both nodes.")
 
 
 def repeat_to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -69,81 +116,177 @@ class EllaPrompt:
         return self
 
 
-def _t_key(t: torch.Tensor) -> tuple:
-    return tuple(float(v) for v in t.reshape(-1).tolist())
+Row = tuple  # (prompt, row of its feature batch, model timestep as a float): one context of N tokens
 
 
 @dataclass
 class CacheStats:
-    projections: int = 0  # project_text calls
-    connector_calls: int = 0  # forward_projected calls
+    projections: int = 0  # project_text calls (once per prompt and connector placement)
+    connector_calls: int = 0  # contexts computed, one per (prompt row, timestep)
+    forwards: int = 0  # connector forward passes (forward_many calls) that computed them
+    precomputed: int = 0  # of connector_calls, computed ahead from the sampler's planned schedule
+    cpu_seconds: float = 0.0  # this thread's CPU time in the connector (projection included; the bench's figure)
 
 
 @dataclass
 class ContextCache:
-    """Per-sampling-run cache: projection once per prompt, connector output once per (prompt, timestep).
+    """Per-sampling-run cache: projection once per prompt, connector output once per (prompt row, timestep).
 
-    Contexts are kept in an LRU of `max_contexts` entries: samplers revisit a timestep only at neighbouring
-    evaluations (heun/dpm_2 corrector, cond and uncond), so a long schedule need not keep every step's output.
+    All contexts one model call needs (cond, uncond, regional prompts, batch rows) come from one
+    `ELLA.forward_many` per token length; `precompute` fills the planned schedule in a few such forwards of at
+    most `max_rows_per_forward` rows (bounded activations), keeping at most `precompute_budget_bytes` of
+    contexts ahead. A context's value never depends on which path computed it (see ELLA.forward_many).
+    On-demand contexts (off-schedule t: heun/dpm_2 midpoints, custom samplers) are kept in an LRU of
+    `max_contexts` entries: samplers revisit a timestep only at neighbouring evaluations.
+
+    connector: the run's connector (the sampler hook's); None uses each prompt's own (`EllaPrompt.connector`).
     """
 
+    connector: Optional[Callable[[], ELLA]] = None
     max_contexts: int = 64
+    max_rows_per_forward: int = 32
+    precompute_budget_bytes: int = 256 * 2**20
     projected: dict = field(default_factory=dict)
-    contexts: OrderedDict = field(default_factory=OrderedDict)
+    contexts: OrderedDict = field(default_factory=OrderedDict)  # on demand, LRU
+    planned: dict = field(default_factory=dict)  # precomputed for the schedule, kept for the run
     stats: CacheStats = field(default_factory=CacheStats)
+    checked: set = field(default_factory=set)  # prompts whose connector was checked against this run's
+
+    def holds(self, rows: list) -> bool:
+        """Whether every row's context is cached already."""
+        ella = self.ensure_connector(rows[0][0])
+        return all(self._lookup(self._key(r, ella)) is not None for r in rows)
+
+    def ensure_connector(self, prompt: EllaPrompt) -> ELLA:
+        """The module that runs, wherever model management put it."""
+        return (self.connector or prompt.connector)()
 
     def _projected(self, prompt: EllaPrompt, ella: ELLA) -> torch.Tensor:
         key = (prompt, ella.device, ella.dtype)
         if key not in self.projected:
-            self.projected[key] = ella.project_text(prompt.features)  # (B, L, width)
+            with torch.no_grad():
+                self.projected[key] = ella.project_text(prompt.features)  # (B, L, width)
             self.stats.projections += 1
         return self.projected[key]
 
+    @staticmethod
+    def _key(row: Row, ella: ELLA) -> tuple:
+        prompt, i, t = row
+        return prompt, i, t, ella.device, ella.dtype
+
+    def _lookup(self, key: tuple) -> Optional[torch.Tensor]:
+        if key in self.planned:
+            return self.planned[key]
+        if key in self.contexts:
+            self.contexts.move_to_end(key)
+            return self.contexts[key]
+        return None
+
+    def _compute(self, rows: list, ella: ELLA) -> list:
+        """Contexts (N, W) of `rows`, stacked into forwards per token length, at most max_rows_per_forward each."""
+        start = time.thread_time()
+        try:
+            return self._compute_rows(rows, ella)
+        finally:
+            self.stats.cpu_seconds += time.thread_time() - start
+
+    def _compute_rows(self, rows: list, ella: ELLA) -> list:
+        by_length: dict = {}
+        for n, row in enumerate(rows):
+            by_length.setdefault(row[0].features.shape[1], []).append(n)
+        out: list = [None] * len(rows)
+        with torch.no_grad():
+            for members in by_length.values():
+                for start in range(0, len(members), self.max_rows_per_forward):
+                    chunk = members[start:start + self.max_rows_per_forward]
+                    projected = torch.cat([self._projected(rows[n][0], ella)[rows[n][1]:rows[n][1] + 1] for n in chunk])
+                    t = torch.tensor([rows[n][2] for n in chunk], dtype=torch.float32)
+                    result = connector_forward(ella)(projected, t)  # (R, N, W)
+                    self.stats.forwards += 1
+                    for j, n in enumerate(chunk):
+                        out[n] = result[j]
+        self.stats.connector_calls += len(rows)
+        return out
+
+    def fetch(self, rows: list) -> list:
+        """Contexts (N, W) for every row, computing all missing ones together (one forward per token length)."""
+        if not rows:
+            return []
+        ella = self.ensure_connector(rows[0][0])
+        keys = [self._key(r, ella) for r in rows]
+        found = [self._lookup(k) for k in keys]
+        missing = list(dict.fromkeys(k for k, v in zip(keys, found) if v is None))
+        if missing:
+            computed = self._compute([k[:3] for k in missing], ella)
+            for k, v in zip(missing, computed):
+                self.contexts[k] = v
+            while len(self.contexts) > max(self.max_contexts, len(missing)):
+                self.contexts.popitem(last=False)
+            new = dict(zip(missing, computed))
+            found = [v if v is not None else new[k] for k, v in zip(keys, found)]
+        return found
+
+    def precompute(self, rows: list) -> int:
+        """Compute ahead the planned rows not held yet, in schedule order, up to the memory budget.
+
+        Returns how many were computed. Rows beyond the budget are left for a later call (or on demand);
+        planned contexts of earlier calls are dropped first, as samplers move forward through a schedule.
+        """
+        if not rows:
+            return 0
+        ella = self.ensure_connector(rows[0][0])
+        todo = [r for r in dict.fromkeys(rows) if self._lookup(self._key(r, ella)) is None]
+        if not todo:
+            return 0
+        per_context = ella.config.num_latents * ella.config.width * torch.finfo(ella.dtype).bits // 8
+        limit = max(1, self.precompute_budget_bytes // per_context)
+        if len(self.planned) + len(todo) > limit:
+            self.planned.clear()
+        todo = todo[:limit]
+        for row, value in zip(todo, self._compute(todo, ella)):
+            self.planned[self._key(row, ella)] = value
+        self.stats.precomputed += len(todo)
+        return len(todo)
+
     def connector_output(self, prompt: EllaPrompt, t: torch.Tensor) -> torch.Tensor:
-        """Connector output at model timesteps t ((1,) shared, or (N,) one per sample) -> (B or N, latents, width).
+        """Connector output at model timesteps t ((1,) shared, or (n,) one per sample) -> (B or n, latents, width).
 
         With one shared timestep the prompt's own batch is kept (the caller repeats it to the latent batch);
-        with several, the features are tiled to len(t) and each sample gets its own timestep.
+        with several, sample j gets prompt row j % B (whole samples tiled, as ComfyUI batches) at t[j].
         """
-        ella = self.ensure_connector(prompt)
-        t = t.reshape(-1).float()
-        key = (prompt, ella.device, ella.dtype, _t_key(t))
-        if key not in self.contexts:
-            with torch.no_grad():
-                projected = self._projected(prompt, ella)
-                if t.numel() > 1:
-                    projected = repeat_to_batch(projected, t.numel())
-                self.contexts[key] = ella.forward_projected(projected, t.to(ella.device))
-            self.stats.connector_calls += 1
-            while len(self.contexts) > self.max_contexts:
-                self.contexts.popitem(last=False)
-        else:
-            self.contexts.move_to_end(key)
-        return self.contexts[key]
+        return torch.stack(self.fetch(self.rows(prompt, t)))
 
     @staticmethod
-    def ensure_connector(prompt: EllaPrompt) -> ELLA:
-        return prompt.connector()
+    def rows(prompt: EllaPrompt, t: torch.Tensor) -> list:
+        """The rows whose contexts make up prompt's context at model timesteps t (see connector_output)."""
+        values = [float(v) for v in t.reshape(-1).float().tolist()]
+        if len(values) == 1:
+            return [(prompt, i, values[0]) for i in range(prompt.batch)]
+        return [(prompt, j % prompt.batch, v) for j, v in enumerate(values)]
 
     def context(self, prompt: EllaPrompt, t: torch.Tensor, device: torch.device,
-                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                dtype: Optional[torch.dtype] = None, output: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The UNet context for `prompt` at model timesteps t: ELLA tokens, then weighted CLIP tokens.
 
         -> (B', N [+ Lc], width) on `device`; B' is the prompt batch (shared t) or len(t).
+        output: the connector_output already fetched for these t (saves a lookup).
         """
-        ctx = self.connector_output(prompt, t).to(device=device, dtype=dtype or torch.float32)
+        out = self.connector_output(prompt, t) if output is None else output
+        ctx = out.to(device=device, dtype=dtype or torch.float32)
         if prompt.clip_tokens is not None:
             clip = prompt.clip_tokens.to(device=device, dtype=ctx.dtype) * prompt.clip_weight
             batch = max(ctx.shape[0], clip.shape[0])
             ctx = torch.cat([repeat_to_batch(ctx, batch), repeat_to_batch(clip, batch)], dim=1)
         return ctx
 
-    def pooled(self, prompt: EllaPrompt, t: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+    def pooled(self, prompt: EllaPrompt, t: torch.Tensor, device: torch.device,
+               output: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """SDXL pooled vector for this step: the connector's pooled head on its output, else CLIP's pooled."""
         ella = self.ensure_connector(prompt)
         if ella.config.pooled_dim is not None:
+            out = self.connector_output(prompt, t) if output is None else output
             with torch.no_grad():
-                return ella.pooled(self.connector_output(prompt, t)).to(device=device, dtype=torch.float32)
+                return ella.pooled(out).to(device=device, dtype=torch.float32)
         if prompt.clip_pooled is not None:
             return prompt.clip_pooled.to(device=device, dtype=torch.float32)
         return None

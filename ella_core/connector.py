@@ -6,6 +6,15 @@ reference checkpoint exactly (`time_embedding.*`, `connector.*`), so the release
 
 Prompt path: features (B, L, input_dim) -> `project_text` (B, L, width), independent of t and therefore
 computed once per prompt -> `forward_projected` at each sampling step's t -> context (B, num_latents, width).
+
+Many (prompt, t) pairs at once: `forward_many` stacks projected prompts of one token length and runs the
+token side (the big matmuls) once for all rows, while everything that depends only on t (timestep MLP,
+AdaLN modulations, time-shifted latents) is computed per distinct t in the shapes of a batch of one. Every
+other op is row-independent, so row i equals `forward_projected(projected[i:i+1], t[i:i+1])` bit for bit
+wherever the BLAS gives a matrix product's rows independently of the row count. Measured with MKL on
+this CPU: always with one thread once every product has at least STACK_MIN_ROWS rows per prompt; with
+several threads MKL may split the reduction of the K >= 2048 products (proj_in, c_proj) differently once
+there are hundreds of rows; cuBLAS picks kernels by shape, so on a GPU expect last-bit differences.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ from torch import nn
 from .config import ELLAConfig
 
 Timesteps = Union[int, float, torch.Tensor]
+# Fewest rows per prompt for which forward_many stacks prompts into one product: BLAS libraries compute
+# smaller matrices with kernels whose rounding depends on the row count (measured with MKL on AVX2: 8 rows
+# differ at K = 768, 16 do not). Connectors with fewer latents run their rows one at a time (released: 64).
+STACK_MIN_ROWS = 16
 
 
 def timestep_sinusoid(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -67,9 +80,11 @@ class AdaLayerNorm(nn.Module):
         shift, scale = self.linear(F.silu(temb)).chunk(2, dim=-1)
         return shift, scale
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
-        """`normed` lets a caller pass LayerNorm(h) it already holds (the text's norm is timestep-free)."""
-        shift, scale = self.modulation(temb)
+    def forward(self, h: torch.Tensor, temb: torch.Tensor | None, normed: torch.Tensor | None = None,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`normed` lets a caller pass LayerNorm(h) it already holds (the text's norm is timestep-free);
+        `modulation` the (shift, scale) it already computed from temb (see ELLA.forward_many)."""
+        shift, scale = self.modulation(temb) if modulation is None else modulation
         if normed is None:
             normed = F.layer_norm(h, h.shape[-1:], eps=ELLAConfig.NORM_EPS)
         return normed * (1 + scale) + shift
@@ -119,12 +134,20 @@ class PerceiverBlock(nn.Module):
         self.ln_ff = AdaLayerNorm(W, T)  # latents, before the MLP
         self.mlp = SquaredReLUMLP(W, config.MLP_RATIO * W)
 
-    def forward(self, latents: torch.Tensor, text: torch.Tensor, text_normed: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """latents (B, N, W), text and LayerNorm(text) (B, L, W), temb (B, 1, T) -> latents (B, N, W)."""
-        n = self.ln_1(latents, temb)
-        kv = torch.cat([n, self.ln_2(text, temb, normed=text_normed)], dim=1)  # (B, N + L, W)
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, text_normed: torch.Tensor, temb: torch.Tensor | None,
+                modulations: tuple | None = None) -> torch.Tensor:
+        """latents (B, N, W), text and LayerNorm(text) (B, L, W), temb (B, 1, T) -> latents (B, N, W).
+
+        modulations: optional ((shift, scale) of ln_1, ln_2, ln_ff), each (B, 1, W), instead of temb."""
+        m1, m2, mff = modulations if modulations is not None else (None, None, None)
+        n = self.ln_1(latents, temb, modulation=m1)
+        kv = torch.cat([n, self.ln_2(text, temb, normed=text_normed, modulation=m2)], dim=1)  # (B, N + L, W)
         latents = latents + self.attn(n, kv)
-        return latents + self.mlp(self.ln_ff(latents, temb))
+        return latents + self.mlp(self.ln_ff(latents, temb, modulation=mff))
+
+    def modulations(self, temb: torch.Tensor) -> tuple:
+        """temb (B, 1, T) -> the (shift, scale) pairs of ln_1, ln_2, ln_ff: everything here that depends on t only."""
+        return self.ln_1.modulation(temb), self.ln_2.modulation(temb), self.ln_ff.modulation(temb)
 
 
 class PerceiverResampler(nn.Module):
@@ -195,6 +218,45 @@ class ELLA(nn.Module):
     def forward(self, text_features: torch.Tensor, timesteps: Timesteps) -> torch.Tensor:
         """LLM features (B, L, input_dim) at timesteps (number, [1] or [B]) -> context (B, num_latents, width)."""
         return self.forward_projected(self.project_text(text_features), timesteps)
+
+    def time_state(self, timestep: float) -> tuple:
+        """Everything that depends only on t, for one t, in the shapes of a batch of one (as forward_projected
+        computes it for one prompt): latents + time_aware_linear(temb) (1, N, W), and per block the three
+        (shift, scale) pairs, each (1, 1, W)."""
+        temb = self.time_embed(timestep, 1)  # (1, 1, T)
+        latents = self.connector.latents.unsqueeze(0) + self.connector.time_aware_linear(F.silu(temb))
+        return latents, [block.modulations(temb) for block in self.connector.perceiver_blocks]
+
+    def forward_many(self, projected: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Projected prompts (R, L, width) at one timestep per row (R,) -> contexts (R, num_latents, width).
+
+        Rows are any mix of prompts (of one token length L) and timesteps; row i is forward_projected of
+        row i alone (see the module docstring for where that holds bit for bit). The t-only part runs once
+        per distinct t; the token side runs once for all rows.
+        """
+        self._check_features(projected, self.config.width, "projected text")
+        t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
+        if t.numel() != projected.shape[0]:
+            raise ValueError(f"ELLA: forward_many got {t.numel()} timesteps for {projected.shape[0]} rows")
+        projected = projected.to(device=self.device, dtype=self.dtype)
+        if self.config.num_latents < STACK_MIN_ROWS and projected.shape[0] > 1:
+            return torch.cat([self.forward_many(projected[i:i + 1], t[i:i + 1]) for i in range(len(t))])
+        values = t.tolist()
+        distinct = list(dict.fromkeys(values))
+        states = {v: self.time_state(v) for v in distinct}
+        if len(distinct) == 1:  # every row at one t: broadcast instead of copying
+            latents, mods = states[distinct[0]]
+            latents = latents.expand(len(values), -1, -1)
+        else:
+            latents = torch.cat([states[v][0] for v in values])  # (R, N, W)
+            per_block = zip(*(states[v][1] for v in values))  # per block: R tuples of 3 (shift, scale) pairs
+            mods = [tuple(tuple(torch.cat([row[j][k] for row in rows]) for k in range(2)) for j in range(3))
+                    for rows in per_block]
+        resampler = self.connector
+        text_normed = F.layer_norm(projected, projected.shape[-1:], eps=ELLAConfig.NORM_EPS)
+        for block, block_mods in zip(resampler.perceiver_blocks, mods):
+            latents = block(latents, projected, text_normed, None, modulations=block_mods)
+        return latents
 
     def pooled(self, context: torch.Tensor) -> torch.Tensor:
         """SDXL's pooled text embedding from this step's context: (B, N, width) -> (B, pooled_dim)."""

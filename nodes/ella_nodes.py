@@ -162,7 +162,7 @@ class EllaTSCEncode(io.ComfyNode):
         # Placeholder of the context's shape: the hook replaces it at every model call.
         tokens = ella.module.config.num_latents + (clip_tokens.shape[1] if clip_tokens is not None else 0)
         placeholder = torch.zeros(1, tokens, ella.module.config.width)
-        options = {"model_conds": {hook.COND_KEY: hook.ELLACond(prompt)}, "additional_models": [ella.patcher]}
+        options = {"model_conds": {hook.COND_KEY: hook.ELLACond(prompt)}}  # the hook's connector runs
         pooled_dim = ella.module.config.pooled_dim
         if pooled_dim is not None:
             options["pooled_output"] = torch.zeros(1, pooled_dim)  # replaced per step by the pooled head
@@ -191,7 +191,8 @@ class EllaTSCTimestepConditioning(io.ComfyNode):
     def execute(cls, model, ella: ManagedConnector) -> io.NodeOutput:
         check_context_width(ella.module, _model_context_dim(model), f"ELLA connector '{ella.name}'",
                             "the diffusion model")
-        return io.NodeOutput(hook.patch_model(model, ella.patcher))
+        ella = ella.for_dtype(hook.connector_dtype(model))  # this connector runs, in the UNet's compute dtype
+        return io.NodeOutput(hook.patch_model(model, ella.patcher, ella))
 
 
 NODES = [EllaTSCConnectorLoader, EllaTSCTextEncoderLoader, EllaTSCEncode, EllaTSCTimestepConditioning]

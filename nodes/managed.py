@@ -5,6 +5,7 @@ The objects here are what flows through the `ELLA` and `ELLA_TSC_TEXT_ENCODER` s
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import OrderedDict
@@ -75,6 +76,8 @@ class ManagedConnector:
     patcher: comfy.model_patcher.ModelPatcher
     metadata: EllaMetadata
     name: str
+    _variants: dict = field(default_factory=dict, repr=False)  # dtype -> ManagedConnector (see for_dtype)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def create(cls, module: ELLA, metadata: EllaMetadata, name: str) -> "ManagedConnector":
@@ -86,6 +89,16 @@ class ManagedConnector:
     def __call__(self) -> ELLA:
         """The module, wherever model management put it (the cond's `connector` getter)."""
         return self.patcher.model.inner
+
+    def for_dtype(self, dtype: torch.dtype) -> "ManagedConnector":
+        """This connector with weights in `dtype` (itself if they already are; a copy made once otherwise)."""
+        if self.module.dtype == dtype:
+            return self
+        with self._lock:
+            if dtype not in self._variants:
+                module = copy.deepcopy(self.module).to(device=mm.unet_offload_device(), dtype=dtype)
+                self._variants[dtype] = ManagedConnector.create(module, self.metadata, self.name)
+            return self._variants[dtype]
 
     def __deepcopy__(self, memo):  # weights are read-only: share, never copy
         return self

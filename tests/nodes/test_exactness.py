@@ -139,16 +139,27 @@ def test_per_sample_sigmas(env, conds):
     assert "ella" not in out[0][0]["model_conds"] and "ella" in encoded[0]["model_conds"]  # originals untouched
 
 
-def test_connector_called_once_per_prompt_and_timestep(env, conds, monkeypatch):
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_connector_called_once_per_prompt_and_timestep(env, conds, monkeypatch, sampler):
+    """Projection once per prompt; each (prompt, t) context computed once; all scheduled contexts in one
+    forward before the first UNet call, and one forward per off-schedule evaluation (dpm_2's midpoints)."""
     (c, _) = conds
     module = env.connector.module
-    counts = {"project_text": 0, "forward_projected": 0}
-    for name in counts:
+    counts = {"project_text": 0, "forward_many": 0, "rows": 0}
+    depth = [0]  # forward_many runs the rows of a connector with few latents one by one, through itself
+    for name in ("project_text", "forward_many"):
         original = getattr(module, name)
 
         def counted(*args, _name=name, _orig=original, **kwargs):
-            counts[_name] += 1
-            return _orig(*args, **kwargs)
+            if depth[0] == 0:
+                counts[_name] += 1
+                if _name == "forward_many":
+                    counts["rows"] += args[0].shape[0]
+            depth[0] += 1
+            try:
+                return _orig(*args, **kwargs)
+            finally:
+                depth[0] -= 1
 
         monkeypatch.setattr(module, name, counted)
     model, rec = env.patched()
@@ -156,11 +167,28 @@ def test_connector_called_once_per_prompt_and_timestep(env, conds, monkeypatch):
         for k in counts:
             counts[k] = 0
         start = len(rec.calls)
-        sample(model, c["a"], c["neg"], sampler="heun", scheduler="karras", steps=4, batch=2)
+        sample(model, c["a"], c["neg"], sampler=sampler, scheduler="karras", steps=4, batch=2)
         distinct_t = {float(x["t"][0]) for x in rec.calls[start:]}
+        sigmas = model.get_model_object("model_sampling")
+        planned = _ksampler_sigmas(model, sampler, 4)
+        scheduled = {float(t) for t in sigmas.timestep(planned[planned > 0])}
+        off_schedule = distinct_t - scheduled
         assert counts["project_text"] == 2, counts  # positive and negative, once each
-        assert counts["forward_projected"] == 2 * len(distinct_t), (counts, distinct_t)
-        assert len(rec.calls) - start > len(distinct_t) or len(distinct_t) == 4
+        assert counts["rows"] == 2 * len(distinct_t | scheduled), (counts, distinct_t)
+        assert counts["forward_many"] == 1 + len(off_schedule), (counts, off_schedule)
+        stats = env.hook.installed_hook(model).last_stats
+        assert (stats.forwards, stats.connector_calls, stats.precomputed) == (
+            counts["forward_many"], counts["rows"], 2 * len(scheduled))
+        if sampler == "heun":  # its corrector revisits the next step's t: served from the cache
+            assert len(rec.calls) - start > len(distinct_t)
+    assert (sampler == "dpm_2") == bool(off_schedule)
+
+
+def _ksampler_sigmas(model, sampler, steps):
+    """The sigmas KSampler plans (dpm_2 and others discard the penultimate one)."""
+    import comfy.samplers
+
+    return comfy.samplers.KSampler(model, steps, "cpu", sampler, "karras").sigmas
 
 
 def test_clone_is_cheap_and_hook_installed_once(env, conds):
