@@ -172,7 +172,7 @@ def folder_items(root: Path) -> Iterator[Record | Rejected]:
         except OSError as e:
             yield Rejected(key, Skip.NO_CAPTION, f"{txt.name}: {e}")
             continue
-        captions, reason = captions_from(text.splitlines())
+        captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
         yield Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
 
 
@@ -310,7 +310,7 @@ def _tar_sample(key: str, group: dict[str, bytes], config: DataConfig) -> Record
     values: list[Any] = []
     if "txt" in group:
         try:
-            values.extend(group["txt"].decode("utf-8").splitlines())
+            values.extend(group["txt"].decode("utf-8").splitlines() or [""])
         except UnicodeDecodeError as e:
             return Rejected(key, Skip.INVALID_UTF8, f"txt: {e.reason} at byte {e.start}")
     captions, reason = captions_from(values)
@@ -354,7 +354,10 @@ def _tar_number(field_bytes: bytes) -> int:
     if field_bytes[:1] and field_bytes[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field_bytes[1:], "big")
     text = field_bytes.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise CorruptTar(f"not a tar header (field {text[:12]!r})") from None
 
 
 def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
@@ -370,8 +373,7 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             raise TruncatedTar(f"ends at byte {offset + len(header)}, inside a header or before the end marker")
         if header == b"\0" * 512:
             return
-        stored = _tar_number(header[148:156])
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        if _tar_number(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
             raise CorruptTar(f"bad header checksum at byte {offset}")
         size = _tar_number(header[124:136])
         kind = header[156:157]
