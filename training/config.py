@@ -324,8 +324,7 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
 def config_from_dict(data: dict[str, Any]) -> Config:
     errors: list[str] = []
     config = _build(Config, data, "", errors)
-    if not errors:
-        errors = problems(config)
+    errors += problems(config)  # values of the wrong type kept their defaults: no double report
     if len(errors) == 1:
         raise ConfigError(errors[0])
     if errors:
