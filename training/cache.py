@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from ella_core.checkpoint import atomic_save_file
 
 from .config import Config
-from .data import (DataConfig, Rejected, SkipCounter, decode_image, fit_to_bucket, image_failure, make_buckets,
+from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure, make_buckets,
                    nearest_bucket, pick_text, stream_items)
 from .distributed import Dist
 from .errors import TrainingError
@@ -49,7 +49,7 @@ from .stopping import Stop
 log = logging.getLogger("training")
 CACHE_VERSION = 2
 SYNC_EVERY = 64  # source entries between the processes' status exchanges (stop requests, failures)
-CHUNK = 16  # samples encoded together
+CHUNK = 16  # samples encoded together (at most cache.shard_size); shards hold whole chunks
 SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
 
 
@@ -132,10 +132,6 @@ class _ShardWriter:
         self.last_ordinal = -1  # every source position up to this one is in a written shard or counted
         self.skips = SkipCounter()  # of this rank, up to last_ordinal once flushed
 
-    @property
-    def room(self) -> int:
-        return self.shard_size - len(self.pending)
-
     def shard_name(self, n: int) -> str:
         return f"r{self.rank}-{n:05d}.safetensors"
 
@@ -170,12 +166,13 @@ class _ShardWriter:
             self.tensors[f"{slot}.text.{j}"] = f.cpu()
         self.pending.append({**entry, "shard": self.shard_name(self.shards), "slot": slot})
 
-    def flush(self, last_ordinal: int) -> None:
-        """Writes the pending samples as one shard covering source positions up to `last_ordinal`."""
+    def flush(self, last_ordinal: int, skips: Optional[SkipCounter] = None) -> None:
+        """Writes the pending samples as one shard covering source positions up to `last_ordinal`, with the
+        skip counts up to there (`skips`, default: all counted so far)."""
         if not self.pending:
             return
         progress = {"world": self.world, "rank": self.rank, "last_ordinal": last_ordinal, "entries": self.pending,
-                    "skipped": self.skips.to_dict()}
+                    "skipped": (skips or self.skips).to_dict()}
         atomic_save_file(self.tensors, self.folder / self.shard_name(self.shards), {"progress": json.dumps(progress)})
         self.entries.extend(self.pending)
         self.tensors, self.pending, self.shards, self.last_ordinal = {}, [], self.shards + 1, last_ordinal
@@ -256,7 +253,11 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
     d: DataConfig = config.data
     buckets = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
     latent_dtype = parse_dtype(config.cache.latent_dtype)
+    chunk_size = min(CHUNK, config.cache.shard_size)
+    # chunks are whole multiples of chunk_size in this rank's sample sequence, so a resumed build encodes
+    # exactly the batches an uninterrupted one does (batch composition changes the last bits of a VAE/LLM)
     chunk: list[tuple[dict[str, Any], Any]] = []
+    before_chunk = (writer.last_ordinal, _copy(writer.skips))  # the state a stop falls back to
 
     def encode_chunk() -> None:
         if not chunk:
@@ -294,8 +295,10 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
             else:
                 stopping = stop.requested and not dist.enabled
             if stopping:
-                encode_chunk()
-                writer.flush(ordinal - 1)
+                if chunk:  # dropped: encoded again on resume, with the same neighbours
+                    writer.flush(*before_chunk)
+                else:
+                    writer.flush(ordinal - 1)
                 stop.raise_now(f"stopped during the cache build: {writer.shards} shard(s) of rank {dist.rank} kept "
                                f"in {writer.folder}; the next run resumes there")
             if ordinal <= writer.last_ordinal or ordinal % dist.world != dist.rank:
@@ -308,15 +311,17 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
                     bucket = nearest_bucket((image.size[1], image.size[0]), buckets)
                     sample = fit_to_bucket(image, bucket)
                 except Exception as e:  # noqa: BLE001 (PIL raises many types for corrupt files)
-                    writer.skips.add(image_failure(e), item.key, f"{type(e).__name__}: {e}")
+                    writer.skips.add(image_failure(e), item.key, describe(e))
                 else:
                     entry = {"ordinal": ordinal, "key": item.key, "bucket": list(bucket), "captions": item.captions,
                              "original_size": list(sample.original_size),
                              "crop_top_left": list(sample.crop_top_left)}
+                    if not chunk:
+                        before_chunk = (ordinal - 1, _copy(writer.skips))
                     chunk.append((entry, sample))
-                    if len(chunk) >= min(CHUNK, writer.room):
+                    if len(chunk) >= chunk_size:
                         encode_chunk()
-                        if writer.room <= 0:
+                        if len(writer.pending) >= config.cache.shard_size:
                             writer.flush(ordinal)
             if (ordinal + 1) % 1000 == 0:
                 log.info("cache: rank %d at source entry %d, %d samples encoded", dist.rank, ordinal + 1,
@@ -326,6 +331,12 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
         if dist.enabled:
             dist.agree(where, 10**12 + ordinal + 1)  # every rank saw the same number of source entries
     return ordinal
+
+
+def _copy(skips: SkipCounter) -> SkipCounter:
+    copy = SkipCounter()
+    copy.merge(skips.to_dict())
+    return copy
 
 
 def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> None:

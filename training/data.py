@@ -17,6 +17,7 @@ import io
 import json
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,11 @@ class SkipCounter:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "counts": dict(self.counts), "examples": list(self.examples)}
+
+
+def describe(error: BaseException) -> str:
+    """An exception for the examples: its type and message without object addresses."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", f"{type(error).__name__}: {error}")
 
 
 def image_failure(error: BaseException) -> str:
@@ -613,7 +619,7 @@ class OnlineDataset(torch.utils.data.Dataset):
         try:
             sample = fit_to_bucket(decode_image(record.load()), self.buckets[index])
         except Exception as e:  # PIL raises many types for corrupt files
-            return {"skip": image_failure(e), "key": record.key, "detail": f"{type(e).__name__}: {e}"}
+            return {"skip": image_failure(e), "key": record.key, "detail": describe(e)}
         return {"pixels": sample.pixels, "text": "" if choice < 0 else record.captions[choice],
                 "original_size": sample.original_size, "crop_top_left": sample.crop_top_left,
                 "seed": seed, "key": record.key}

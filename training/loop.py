@@ -31,7 +31,7 @@ from ella_core import ELLA
 from . import cache as feature_cache
 from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
 from .config import Config, OptimConfig, result_changes, save_config
-from .data import (BatchPlan, DataPosition, OnlineDataset, SkipCounter, collate, image_failure, image_size,
+from .data import (BatchPlan, DataPosition, OnlineDataset, SkipCounter, collate, describe, image_failure, image_size,
                    indexable_records, make_buckets, nearest_bucket)
 from .distributed import Dist, setup
 from .errors import TrainingError
@@ -133,7 +133,7 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
             buckets.append(nearest_bucket(image_size(record), bucket_set))
             kept.append(record)
         except Exception as e:  # noqa: BLE001 (PIL raises many types for corrupt files)
-            skipped.add(image_failure(e), record.key, f"{type(e).__name__}: {e}")
+            skipped.add(image_failure(e), record.key, describe(e))
     if not kept:
         raise TrainingError(f"no usable samples in {d.path} ({skipped.total} skipped: {dict(skipped.counts)}, "
                             f"e.g. {skipped.examples[:3]})")
