@@ -299,7 +299,7 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
                     writer.flush(*before_chunk)
                 else:
                     writer.flush(ordinal - 1)
-                stop.raise_now(f"stopped during the cache build: {writer.shards} shard(s) of rank {dist.rank} kept "
+                stop.raise_now(f"during the cache build: {writer.shards} shard(s) of rank {dist.rank} kept "
                                f"in {writer.folder}; the next run resumes there")
             if ordinal <= writer.last_ordinal or ordinal % dist.world != dist.rank:
                 continue

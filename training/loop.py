@@ -416,7 +416,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     dist.barrier()
     dist.close()
     if stopping:
-        stop.raise_now(f"stopped at step {step}: checkpoint {ckpt_root / f'step-{step:08d}'} saved; "
+        stop.raise_now(f"at step {step}: checkpoint {ckpt_root / f'step-{step:08d}'} saved; "
                        "continue with --resume latest")
     return final
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv, stop)
     except StopRequested as e:
-        print(f"stopped by {e.what}", file=sys.stderr)
+        print(f"stopped: {e.what}", file=sys.stderr)
         return e.exit_code
 
 
