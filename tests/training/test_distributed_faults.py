@@ -1,0 +1,95 @@
+"""Two real gloo processes building the feature cache cannot hang: a rank that raises or crashes between
+the barriers (in rank 0's merge, or while encoding), or a cache.dir that is not shared (each rank given its
+own), ends every rank promptly with an error naming the cause. Each test is bounded by subprocess
+timeouts and kills what is left, so it never hangs itself."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from tests.training.train_helpers import ROOT, TINY_CONFIG
+
+from tests.training.test_signals import ENTRY
+
+BOUND_S = 240  # the whole test; the collectives' own timeout is set far above what a detection takes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], env: dict[str, str]) -> list[tuple[int, str, float]]:
+    """Two ranks as plain processes (no torchrun, which would kill the survivor itself); returns
+    (exit status, stderr, seconds) per rank. Whatever still runs at the bound is killed."""
+    port = str(_free_port())
+    procs = []
+    started = time.time()
+    for rank in range(2):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                 "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}))
+    results: list = [None, None]
+
+    def wait(rank: int) -> None:
+        try:
+            _, stderr = procs[rank].communicate(timeout=BOUND_S)
+            results[rank] = (procs[rank].returncode, stderr, time.time() - started)
+        except subprocess.TimeoutExpired:
+            procs[rank].kill()
+
+    threads = [threading.Thread(target=wait, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(BOUND_S + 30)
+    if None in results:
+        for p in procs:
+            p.kill()
+        raise AssertionError(f"a rank was still running after {BOUND_S} s: it hangs")
+    return results
+
+
+def _args(base, llm, data, out, *extra) -> list[str]:
+    return [f"model.pretrained={base}", f"llm.source={llm}", f"data.path={data}", f"output_dir={out}",
+            "train.backend=gloo", "train.max_steps=1", "cache.shard_size=4", "train.collective_timeout_s=900",
+            *extra]
+
+
+FAULTS = [  # (fault, the failing rank, what the other rank must say)
+    ("merge:raise@0", 0, "rank 0 failed: RuntimeError: injected fault on rank 0"),
+    ("merge:exit@0", 0, "lost contact with the other processes"),
+    ("encode:raise@1", 1, "rank 1 failed: RuntimeError: injected fault on rank 1"),
+    ("encode:exit@1", 1, "lost contact with the other processes"),
+    ("encode:raise@0", 0, "rank 0 failed: RuntimeError: injected fault on rank 0"),
+]
+
+
+@pytest.mark.parametrize("fault, failing, message", FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_failing_rank_ends_every_rank(tiny_sd15, tiny_t5, datasets, tmp_path, fault, failing, message):
+    results = _launch(_args(tiny_sd15, tiny_t5, datasets["folder"], tmp_path / "run"), {"ELLA_TEST_FAULT": fault})
+    (code_f, err_f, t_f), (code_o, err_o, t_o) = results[failing], results[1 - failing]
+    assert code_f == (3 if fault.endswith(f"exit@{failing}") else 1), err_f[-3000:]
+    assert code_o == 1 and f"error: cache build in" in err_o and message in err_o, err_o[-3000:]
+    assert "Traceback" not in err_o  # a clear error, not a crash dump
+    assert not list((tmp_path / "run").glob("cache/*/COMPLETE"))
+    print(f"{fault}: the other rank exited {t_o - t_f:+.1f} s after the failing one")
+
+
+def test_cache_dir_not_shared_is_an_error_on_every_rank(tiny_sd15, tiny_t5, datasets, tmp_path):
+    env = {f"ELLA_TEST_ARGS_{r}": f"cache.dir={tmp_path / f'node{r}'}" for r in range(2)}  # like two machines
+    results = _launch(_args(tiny_sd15, tiny_t5, datasets["folder"], tmp_path / "run"), env)
+    for rank, (code, stderr, _) in enumerate(results):
+        assert code == 1 and "cache.dir is not shared between the processes" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr
+    assert f"rank 0 on {socket.gethostname()} does not see the files of rank(s) [1]" in results[0][1]
+    assert f"rank 1 on {socket.gethostname()} does not see the files of rank(s) [0]" in results[1][1]
