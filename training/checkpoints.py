@@ -137,11 +137,16 @@ def resolve_resume(resume: str, root: Path) -> Optional[Path]:
             raise TrainingError(f"train.resume={resume}: the checkpoint is damaged ({problem}); resume from another "
                                 f"one (resume=latest picks the newest intact one)")
         return path
-    for step, path in reversed(list_checkpoints(root)):
+    damaged = []
+    for _, path in reversed(list_checkpoints(root)):
         problem = damage(path)
         if problem is None:
             return path
         log.warning("resume: checkpoint %s is damaged (%s); falling back to an older one", path, problem)
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise TrainingError(f"resume=latest: every checkpoint in {root} is damaged ({'; '.join(damaged)}); remove "
+                            "them to start afresh, or resume from a copy")
     return None
 
 

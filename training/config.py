@@ -441,15 +441,18 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def result_changes(saved: dict[str, Any], current: Config) -> list[str]:
+def result_changes(saved: dict[str, Any], current: Config, saved_world: int = 1, world: int = 1) -> list[str]:
     """`key: old -> new` for the settings that differ from a checkpoint's and change what is trained.
-    max_steps counts only when it moves the lr schedule's end (schedule_steps unset, schedule not constant)."""
+    max_steps counts only when it moves the lr schedule's end (schedule_steps unset, schedule not constant);
+    batch_size only when batch_size x processes (the global micro-batch) changes."""
     old, new = _flatten(saved), _flatten(current.to_dict())
     changes = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESULT_NEUTRAL) or old.get(key) == new.get(key):
             continue
         if key == "train.max_steps" and (current.optim.schedule == "constant" or current.optim.schedule_steps):
+            continue
+        if key == "train.batch_size" and old.get(key, 0) * saved_world == new[key] * world:
             continue
         changes.append(f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
     return changes

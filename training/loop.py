@@ -288,11 +288,12 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             log.info("train.resume=%s: no intact checkpoint in %s, starting fresh", t.resume, ckpt_root)
         if resume is not None:
             saved_state = json.loads((resume / "trainer_state.json").read_text())
-            check_layout(saved_state, t.batch_size, dist.world)
-            changes = result_changes(saved_state.get("config", {}), config)
+            changes = result_changes(saved_state.get("config", {}), config, int(saved_state.get("world", 1)),
+                                     dist.world)
             if changes:
                 log.warning("resume: these settings differ from %s's and change the result:\n  %s", resume.name,
                             "\n  ".join(changes))
+            check_layout(saved_state, t.batch_size, dist.world)
     chosen = dist.gather(str(resume))
     if len(set(chosen)) > 1:
         raise TrainingError(f"the processes chose different checkpoints to resume from: {chosen}; is output_dir "
