@@ -44,12 +44,13 @@ def _main(argv: list[str] | None, stop: Stop) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    from ella_core import ELLACheckpointError, TextEncoderError, WidthMismatchError
     from training.errors import TrainingError
     from training.loop import run
 
     try:
         run(config, stop)
-    except TrainingError as e:
+    except (TrainingError, ELLACheckpointError, TextEncoderError, WidthMismatchError) as e:  # the user's to fix
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     return 0
