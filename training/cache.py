@@ -39,8 +39,8 @@ from safetensors.torch import load_file
 from ella_core.checkpoint import atomic_save_file
 
 from .config import Config
-from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure, make_buckets,
-                   nearest_bucket, pick_text, stream_items)
+from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure,
+                   make_buckets, nearest_bucket, pick_text, stream_items)
 from .distributed import Dist
 from .errors import TrainingError
 from .models import Base, encode_texts, parse_dtype

@@ -26,7 +26,7 @@ class ModelConfig:
     prediction_type: Optional[str] = None  # "epsilon" | "v_prediction"; None: the scheduler's own
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" weights in a hub repo
-    vae_dtype: Optional[str] = None  # None: train.mixed_precision's dtype; float32 for SDXL's VAE, which overflows in fp16
+    vae_dtype: Optional[str] = None  # None: the mixed-precision dtype; float32 for SDXL's VAE (overflows in fp16)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_folder_with_validation_images_and_ema(tiny_sd15, tiny_t5, datasets, tmp
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
     ckpt = out / "checkpoints" / "step-00000002"
     assert {p.name for p in ckpt.iterdir()} == {"connector.safetensors", "ema.safetensors", "optimizer.pt",
-                                                "rng.pt", "trainer_state.json"}
+                                                "rng.pt", "trainer_state.json", "checksums.json"}
     torch.load(ckpt / "optimizer.pt", weights_only=True)  # no pickled code needed
     assert not list((out / "checkpoints").glob(".tmp*"))
 
