@@ -198,7 +198,7 @@ def test_two_gloo_processes_match_one_process(tiny_sd15, tiny_t5, datasets, tmp_
     # lr 1e-4, the paper's. Attention key biases have an exactly zero gradient (softmax ignores a constant
     # shift), so theirs is pure rounding noise that Adam normalises into steps of up to lr: checked apart.
     common = _common(tiny_sd15, tiny_t5, datasets["folder"], None)[:3] + [
-        "train.max_steps=3", "data.caption_dropout=0.2", "optim.lr=1e-4"]
+        "train.max_steps=3", "data.caption_dropout=0.2", "optim.lr=1e-4", "optim.schedule_steps=3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_trainer(*common, f"output_dir={one}", "train.batch_size=4")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
