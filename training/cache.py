@@ -224,6 +224,7 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
     the prompts and marks the cache complete. Raises StopRequested (after writing what is finished) on a
     signal, PeerFailed on every rank when one fails."""
     where = f"cache build in {folder}"
+    stop.phase = "the cache build"
     with dist.failing_together(where):
         if dist.is_main:
             _prepare_folder(folder, dist.world)

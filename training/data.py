@@ -28,7 +28,9 @@ import torch
 from PIL import Image
 
 from .config import DataConfig
+from .distributed import Dist
 from .errors import TrainingError
+from .tarfiles import CorruptTar, TruncatedTar, tar_members
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -336,91 +338,6 @@ def _tar_sample(key: str, group: dict[str, bytes], config: DataConfig) -> Record
     return Record(key, captions, functools.partial(bytes, data))
 
 
-# ---------------------------------------------------------------- tar reading
-class TruncatedTar(Exception):
-    """The archive ends before its end-of-archive marker (inside a header or a member)."""
-
-
-class CorruptTar(Exception):
-    """A header whose checksum does not match: the rest of the archive cannot be located."""
-
-
-def _read_exact(stream: Any, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _tar_number(field_bytes: bytes) -> int:
-    if field_bytes[:1] and field_bytes[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(field_bytes[1:], "big")
-    text = field_bytes.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise CorruptTar(f"not a tar header (field {text[:12]!r})") from None
-
-
-def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a POSIX/GNU/pax tar stream, in order. Raises TruncatedTar when
-    the stream stops before the end-of-archive marker, CorruptTar on a damaged header. (tarfile treats a
-    stream that stops at a member boundary as complete, which would lose the samples after it unseen.)"""
-    offset = 0
-    long_name: Optional[str] = None
-    pax_name: Optional[str] = None
-    while True:
-        header = _read_exact(stream, 512)
-        if len(header) < 512:
-            raise TruncatedTar(f"ends at byte {offset + len(header)}, inside a header or before the end marker")
-        if header == b"\0" * 512:
-            return
-        if _tar_number(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise CorruptTar(f"bad header checksum at byte {offset}")
-        size = _tar_number(header[124:136])
-        kind = header[156:157]
-        data = _read_exact(stream, size)
-        padding = _read_exact(stream, -size % 512)
-        if len(data) < size or len(padding) < -size % 512:
-            raise TruncatedTar(f"ends at byte {offset + 512 + len(data) + len(padding)}, inside a member")
-        offset += 512 + size + len(padding)
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        if kind == b"L":
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            continue
-        if kind == b"x":
-            pax_name = _pax_path(data)
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = pax_name = None
-            continue  # folders, links, global headers
-        yield pax_name or long_name or name.decode("utf-8", "surrogateescape"), data
-        long_name = pax_name = None
-
-
-def _pax_path(data: bytes) -> Optional[str]:
-    """The `path` record of a pax extended header ("<len> path=<name>\n" records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space] or 0)
-        if length <= 0:
-            break
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        pos += length
-    return None
-
-
 # ---------------------------------------------------------------- all sources
 def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
     """Every entry of the source, usable or not, in source order (the same order on every process)."""
@@ -635,3 +552,65 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         values = [it[name] for it in good]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
+
+
+# ---------------------------------------------------------------- what the loop reads
+class Data:
+    """The dataset of a run plus what the loop needs besides: the empty prompt, the LLM if resident, the
+    feature cache (a training.cache.FeatureCache) if used."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, buckets: list[tuple[int, int]], empty: torch.Tensor,
+                 llm: Any, skipped: SkipCounter, cache: Optional[Any]) -> None:
+        self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
+            dataset, buckets, empty, llm, skipped, cache)
+        self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
+        self.runtime_skips = SkipCounter()  # this rank's samples that failed while training (no cache)
+
+    def all_skips(self, dist: Dist) -> SkipCounter:
+        """Collective: source/cache skips plus every rank's runtime skips."""
+        total = SkipCounter()
+        total.merge(self.skipped.to_dict())
+        for part in dist.gather(self.runtime_skips.to_dict()):
+            total.merge(part)
+        return total
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.empty.shape[-1])
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
+
+    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
+        for items in self.plan:
+            pos = (self.plan.position.epoch, self.plan.position.batch)
+            yield [(i, s) + pos for i, s in items]
+
+
+class _WithPosition(torch.utils.data.Dataset):
+    """Adds the data position after this batch to each item, so a checkpoint knows where to continue even
+    when loader workers have prefetched further."""
+
+    def __init__(self, inner: torch.utils.data.Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
+        index, seed, epoch, batch = item
+        return {**self.inner[(index, seed)], "position": (epoch, batch)}
+
+
+def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
+    position = items[0]["position"]
+    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
+    batch["position"] = position
+    return batch
+
+def make_loader(dataset: torch.utils.data.Dataset, plan: BatchPlan, num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches in the plan's order; each carries the data position after it (for checkpoints)."""
+    return torch.utils.data.DataLoader(_WithPosition(dataset), batch_sampler=_PlanSampler(plan),
+                                       collate_fn=_collate_with_position, num_workers=num_workers)

@@ -31,12 +31,12 @@ from ella_core import ELLA
 from . import cache as feature_cache
 from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
 from .config import Config, OptimConfig, result_changes, save_config
-from .data import (BatchPlan, DataPosition, OnlineDataset, SkipCounter, collate, describe, image_failure, image_size,
-                   indexable_records, make_buckets, nearest_bucket)
+from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, image_failure, image_size,
+                   indexable_records, make_buckets, make_loader, nearest_bucket)
 from .distributed import Dist, setup
 from .errors import TrainingError
-from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm
-from .sampling import sample, sdxl_time_ids
+from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm, sdxl_time_ids
+from .sampling import sample
 from .stopping import Stop
 
 log = logging.getLogger("training")
@@ -81,29 +81,6 @@ def draw_noise(seeds: list[int], shape: tuple[int, ...], num_timesteps: int, noi
 
 
 # ---------------------------------------------------------------- data
-class Data:
-    """The dataset of a run plus what the loop needs besides: the empty prompt, the LLM if resident."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, buckets: list[tuple[int, int]], empty: torch.Tensor,
-                 llm: Any, skipped: SkipCounter, cache: Optional[feature_cache.FeatureCache]) -> None:
-        self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
-            dataset, buckets, empty, llm, skipped, cache)
-        self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
-        self.runtime_skips = SkipCounter()  # this rank's samples that failed while training (no cache)
-
-    def all_skips(self, dist: Dist) -> SkipCounter:
-        """Collective: source/cache skips plus every rank's runtime skips."""
-        total = SkipCounter()
-        total.merge(self.skipped.to_dict())
-        for part in dist.gather(self.runtime_skips.to_dict()):
-            total.merge(part)
-        return total
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.empty.shape[-1])
-
-
 def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
     d = config.data
     skipped = SkipCounter()
@@ -140,38 +117,6 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
     llm = load_llm(config.llm, dist.device)
     empty = encode_texts(llm, [""], config.llm)[0].float().cpu()
     return Data(OnlineDataset(kept, buckets, d), buckets, empty, llm, skipped, None)
-
-
-class _PlanSampler(torch.utils.data.Sampler):
-    def __init__(self, plan: BatchPlan) -> None:
-        self.plan = plan
-
-    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
-        for items in self.plan:
-            pos = (self.plan.position.epoch, self.plan.position.batch)
-            yield [(i, s) + pos for i, s in items]
-
-
-class _WithPosition(torch.utils.data.Dataset):
-    """Adds the data position after this batch to each item, so a checkpoint knows where to continue even
-    when loader workers have prefetched further."""
-
-    def __init__(self, inner: torch.utils.data.Dataset) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
-        index, seed, epoch, batch = item
-        return {**self.inner[(index, seed)], "position": (epoch, batch)}
-
-
-def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
-    position = items[0]["position"]
-    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
-    batch["position"] = position
-    return batch
 
 
 # ---------------------------------------------------------------- one micro-step
@@ -306,8 +251,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
     dist.agree("loading the base model", 1)
-    with stop.deferred():
-        data = prepare_data(config, base, dist, stop)
+    data = prepare_data(config, base, dist, stop)  # the cache build defers signals while it encodes
     if data.skipped.total:
         log.warning("skipped %d unusable samples: %s (e.g. %s)", data.skipped.total, dict(data.skipped.counts),
                     data.skipped.examples[:3])
@@ -343,9 +287,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
         log.info("resumed from %s at step %d", resume, step)
 
     plan = BatchPlan(data.buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
-    loader = torch.utils.data.DataLoader(_WithPosition(data.dataset), batch_sampler=_PlanSampler(plan),
-                                         collate_fn=_collate_with_position, num_workers=config.data.num_workers)
-    batches = iter(loader)
+    batches = iter(make_loader(data.dataset, plan, config.data.num_workers))
     writer = metrics_file = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -367,6 +309,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started, started_step = time.time(), step
     stopping = False
+    stop.phase = "training"
     with stop.deferred():
         while step < t.max_steps:
             for group in optimizer.param_groups:

@@ -76,6 +76,11 @@ class Base:
         return (self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
+def sdxl_time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    return [float(original[0]), float(original[1]), float(crop[0]), float(crop[1]), float(target[0]), float(target[1])]
+
+
 def _detect_kind(unet: Any, requested: str) -> str:
     is_xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     kind = "sdxl" if is_xl else "sd15"

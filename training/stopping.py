@@ -32,6 +32,7 @@ class Stop:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.phase = "start-up"  # named in the message of an immediate stop
         self._deferred = 0
 
     def install(self) -> "Stop":
@@ -47,8 +48,8 @@ class Stop:
         first = self.signum is None
         self.signum = signum
         if not self._deferred or not first:  # a second signal while deferred: stop now
-            raise StopRequested(signum, f"{signal.Signals(signum).name} during start-up" if first
-                                else f"second {signal.Signals(signum).name}")
+            name = signal.Signals(signum).name
+            raise StopRequested(signum, f"{name} during {self.phase}" if first else f"second {name}")
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator["Stop"]:
