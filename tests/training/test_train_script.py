@@ -126,6 +126,36 @@ def test_bad_samples_are_skipped_and_counted_in_a_run(tiny_sd15, tiny_t5, tmp_pa
         assert (out / "ella.safetensors").is_file()
 
 
+def _bad_utf8_manifest(root: Path, kind: str) -> Path:
+    from tests.training.train_helpers import write_csv, write_jsonl
+
+    path = (write_jsonl if kind == "jsonl" else write_csv)(root, synthetic_samples(12, seed=6))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"plain", b"pl\xe4in")  # one invalid UTF-8 byte in a caption
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "webdataset"])
+def test_malformed_sources_are_counted_in_a_run(tiny_sd15, tiny_t5, tmp_path, kind):
+    """One invalid UTF-8 byte in a manifest, one tar shard cut short: the run trains and every log says so."""
+    if kind == "webdataset":
+        from tests.training.train_helpers import write_tars
+
+        tars = write_tars(tmp_path / "tars", synthetic_samples(24, seed=6), per_shard=8)
+        tars[1].write_bytes(tars[1].read_bytes()[:5000])  # cut in the image of its third sample: the first one
+        # is read; the second, not known to be complete until the third's first member is whole, is lost
+        data, reason, kept = f"{tmp_path / 'tars'}/shard-{{0000..0002}}.tar", Skip.TRUNCATED_SHARD, 17
+    else:
+        data, reason, kept = _bad_utf8_manifest(tmp_path / "m", kind), Skip.INVALID_UTF8, 11
+    out = tmp_path / "run"
+    proc = run_trainer(*_common(tiny_sd15, tiny_t5, data, out), "train.max_steps=1")
+    assert f"skipped 1 unusable samples: {{'{reason}': 1}}" in proc.stderr
+    index = json.loads(next((out / "cache").glob("*/index.json")).read_text())
+    assert len(index["entries"]) == kept and index["skipped"]["counts"] == {reason: 1}
+    assert read_metrics(out)[-1]["skipped"] == 1 and (out / "ella.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- resume, SIGTERM, several processes
 def test_resume_gives_the_uninterrupted_loss_sequence(tiny_sd15, tiny_t5, datasets, tmp_path):
     """Also: the newest checkpoint damaged (resume falls back to the one before), an orphan folder of a killed
