@@ -5,6 +5,7 @@ timeouts and kills what is left, so it never hangs itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -93,3 +94,44 @@ def test_cache_dir_not_shared_is_an_error_on_every_rank(tiny_sd15, tiny_t5, data
         assert "Traceback" not in stderr
     assert f"rank 0 on {socket.gethostname()} does not see the files of rank(s) [1]" in results[0][1]
     assert f"rank 1 on {socket.gethostname()} does not see the files of rank(s) [0]" in results[1][1]
+
+
+def test_sigterm_to_one_rank_stops_both_and_the_rerun_resumes(tiny_sd15, tiny_t5, tmp_path):
+    """SIGTERM to rank 0 only, mid cache build: rank 1 learns it at the next status exchange, both keep their
+    finished shards and exit with 143; two fresh ranks then finish the cache without redoing those shards."""
+    import signal
+
+    from tests.training.train_helpers import synthetic_samples, write_folder
+
+    data = write_folder(tmp_path / "data", synthetic_samples(200, seed=9))  # exchanges at entries 0, 64, 128, 192
+    args = _args(tiny_sd15, tiny_t5, data, tmp_path / "run")
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ELLA_TEST_SLOW_ENCODE_S": "0.3", "RANK": str(r),
+             "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        for r in range(2)]
+    try:
+        deadline = time.time() + BOUND_S
+        shards = lambda r: sorted((tmp_path / "run" / "cache").glob(f"*/r{r}-*.safetensors"))  # noqa: E731
+        while time.time() < deadline and not (shards(0) and shards(1)):
+            assert all(p.poll() is None for p in procs), "a rank ended early"
+            time.sleep(0.1)
+        procs[0].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=BOUND_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, (_, stderr)) in enumerate(zip(procs, results)):
+        assert p.returncode == 128 + signal.SIGTERM, (rank, stderr[-3000:])
+        assert f"stopped: during the cache build" in stderr and f"of rank {rank} kept" in stderr, stderr[-3000:]
+    kept = {path: path.stat().st_mtime_ns for r in range(2) for path in shards(r)}
+    folder = next(iter(kept)).parent
+    assert not (folder / "COMPLETE").exists() and len(kept) < 50  # 200 samples / 4 per shard: it stopped early
+    results = _launch(args, {})  # the rerun, two ranks, no slowdown
+    assert all(code == 0 for code, _, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert "cache: resuming rank 0 after" in results[0][1]
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # finished shards untouched
+    index = json.loads((folder / "index.json").read_text())
+    assert [e["key"] for e in index["entries"]] == [f"img{i:04d}.png" for i in range(200)]
