@@ -47,7 +47,9 @@ class Stop:
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.signum is None
         self.signum = signum
-        if not self._deferred or not first:  # a second signal while deferred: stop now
+        # a second Ctrl-C while deferred stops now; SIGTERM often arrives twice (the scheduler signals the
+        # whole process group and torchrun forwards it too), so a repeated SIGTERM changes nothing
+        if not self._deferred or (not first and signum == signal.SIGINT):
             name = signal.Signals(signum).name
             raise StopRequested(signum, f"{name} during {self.phase}" if first else f"second {name}")
 

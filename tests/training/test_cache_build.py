@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -206,4 +205,3 @@ def test_check_finite_names_the_bad_samples(values, bad):
 def test_llm_fix_names_the_dtype():
     config = load_config(TINY_CONFIG, ["model.pretrained=o/b", "llm.source=o/t5", "data.path=/tmp", "llm.dtype=fp16"])
     assert "llm.dtype=bfloat16 or float32" in feature_cache.llm_fix(config)
-    _ = Counter  # (imported for symmetry with the other tests)

@@ -80,7 +80,7 @@ def test_a_failing_rank_ends_every_rank(tiny_sd15, tiny_t5, datasets, tmp_path, 
     results = _launch(_args(tiny_sd15, tiny_t5, datasets["folder"], tmp_path / "run"), {"ELLA_TEST_FAULT": fault})
     (code_f, err_f, t_f), (code_o, err_o, t_o) = results[failing], results[1 - failing]
     assert code_f == (3 if fault.endswith(f"exit@{failing}") else 1), err_f[-3000:]
-    assert code_o == 1 and f"error: cache build in" in err_o and message in err_o, err_o[-3000:]
+    assert code_o == 1 and "error: cache build in" in err_o and message in err_o, err_o[-3000:]
     assert "Traceback" not in err_o  # a clear error, not a crash dump
     assert not list((tmp_path / "run").glob("cache/*/COMPLETE"))
     print(f"{fault}: the other rank exited {t_o - t_f:+.1f} s after the failing one")
@@ -125,7 +125,7 @@ def test_sigterm_to_one_rank_stops_both_and_the_rerun_resumes(tiny_sd15, tiny_t5
             p.kill()
     for rank, (p, (_, stderr)) in enumerate(zip(procs, results)):
         assert p.returncode == 128 + signal.SIGTERM, (rank, stderr[-3000:])
-        assert f"stopped: during the cache build" in stderr and f"of rank {rank} kept" in stderr, stderr[-3000:]
+        assert "stopped: during the cache build" in stderr and f"of rank {rank} kept" in stderr, stderr[-3000:]
     kept = {path: path.stat().st_mtime_ns for r in range(2) for path in shards(r)}
     folder = next(iter(kept)).parent
     assert not (folder / "COMPLETE").exists() and len(kept) < 50  # 200 samples / 4 per shard: it stopped early

@@ -93,3 +93,39 @@ def test_sigterm_during_the_cache_build_keeps_shards_and_the_rerun_resumes(tiny_
     index = json.loads((folder / "index.json").read_text())
     assert [e["key"] for e in index["entries"]] == [f"img{i:04d}.png" for i in range(40)]
     assert index["skipped"]["total"] == 0 and (tmp_path / "run" / "ella.safetensors").is_file()
+
+
+@pytest.fixture()
+def stop_handlers():
+    """A Stop installed in this process, the previous handlers restored afterwards."""
+    from training.stopping import Stop
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield Stop().install()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_deferred_phases_note_signals_and_a_second_ctrl_c_stops_now(stop_handlers):
+    from training.stopping import StopRequested
+
+    stop = stop_handlers
+    with stop.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's and torchrun's: still a clean stop
+        assert stop.requested and stop.signum == signal.SIGTERM
+        with pytest.raises(StopRequested, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here at the latest
+
+
+def test_outside_deferred_phases_a_signal_stops_at_once_naming_the_phase(stop_handlers):
+    from training.stopping import StopRequested
+
+    stop_handlers.phase = "loading the models"
+    with pytest.raises(StopRequested) as info:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert str(info.value) == "SIGTERM during loading the models" and info.value.exit_code == 143
