@@ -167,3 +167,10 @@ print(json.dumps({{"codes": codes, "torch": "torch" in sys.modules, "diffusers":
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert json.loads(proc.stdout.splitlines()[-1]) == {"codes": [2, 2, 2, 2], "torch": False, "diffusers": False}
+
+
+def test_the_schema_knows_the_dtypes_the_models_parse():
+    from training.config import DTYPE_NAMES
+    from training.models import DTYPES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
