@@ -6,12 +6,16 @@ A checkpoint is a folder `step-<N>` holding:
   optimizer.pt            AdamW state (tensors and numbers only; loaded with weights_only=True)
   rng.pt                  python, numpy, torch (and CUDA) RNG states of every rank (weights_only=True)
   trainer_state.json      step, data position, skipped-sample counts, grad scaler, the resolved config
+  checksums.json          sha256 of each file above, written last
 It is written into a hidden temporary folder and renamed into place, so an interrupted save leaves no
-checkpoint rather than a broken one. Only rank 0 writes; the other ranks send it their RNG states.
+checkpoint rather than a broken one (and the orphan `.tmp-step-*` folder is removed by the next run). Only
+rank 0 writes; the other ranks send it their RNG states. On resume a damaged checkpoint (a file missing,
+cut or changed) is reported and `latest` falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,9 +33,12 @@ from safetensors.torch import load_file, save_file
 from ella_core import ELLA, load_ella, save_ella
 
 from .distributed import Dist
+from .errors import TrainingError
 
 log = logging.getLogger("training")
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_DIR = ".tmp-step-"
+REQUIRED = ("connector.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,23 +76,78 @@ def _gather_rng(dist: Dist) -> Optional[list[dict[str, Any]]]:
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
+    """`step-<N>` folders under `root` (intact or not), oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def remove_orphans(root: Path) -> int:
+    """Removes `.tmp-step-*` folders left by saves that were killed; returns how many."""
+    orphans = [p for p in root.glob(f"{TMP_DIR}*") if p.is_dir()] if root.is_dir() else []
+    for p in orphans:
+        shutil.rmtree(p, ignore_errors=True)
+    if orphans:
+        log.info("removed %d unfinished checkpoint folder(s) of killed saves: %s", len(orphans),
+                 [p.name for p in orphans])
+    return len(orphans)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with the checkpoint folder `path`, or None when it is intact."""
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        return f"missing {missing}"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not {"step", "position", "samples_seen"} <= set(state):
+            return "trainer_state.json lacks step/position/samples_seen"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"trainer_state.json is not valid JSON ({e})"
+    sums_file = path / "checksums.json"
+    if not sums_file.is_file():
+        return "missing checksums.json"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"checksums.json is not valid JSON ({e})"
+    for name, expected in sums.items():
+        if not (path / name).is_file():
+            return f"missing {name}"
+        if _sha256(path / name) != expected:
+            return f"{name} does not match its checksum (cut or changed after saving)"
+    return None
 
 
 def resolve_resume(resume: str, root: Path) -> Optional[Path]:
-    """"latest" -> newest complete checkpoint under root (None when there is none yet); else a folder."""
-    if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"train.resume={resume}: not a checkpoint folder (no trainer_state.json)")
-    return path
+    """"latest" -> the newest intact checkpoint under root (None when there is none yet; damaged newer ones
+    are reported and passed over); else that folder, which must be intact."""
+    if resume != "latest":
+        path = Path(resume).expanduser()
+        problem = damage(path) if path.is_dir() else "not a folder"
+        if problem:
+            raise TrainingError(f"train.resume={resume}: the checkpoint is damaged ({problem}); resume from another "
+                                f"one (resume=latest picks the newest intact one)")
+        return path
+    damaged = []
+    for _, path in reversed(list_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        log.warning("resume: checkpoint %s is damaged (%s); falling back to an older one", path, problem)
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise TrainingError(f"resume=latest: every checkpoint in {root} is damaged ({'; '.join(damaged)}); remove "
+                            "them to start afresh, or resume from a copy")
+    return None
 
 
 def save_checkpoint(root: Path, step: int, ella: ELLA, metadata: dict[str, Any], optimizer: torch.optim.Optimizer,
@@ -97,9 +159,11 @@ def save_checkpoint(root: Path, step: int, ella: ELLA, metadata: dict[str, Any],
         return None
     final = root / f"step-{step:08d}"
     if final.exists():
-        return final
+        if damage(final) is None:
+            return final
+        shutil.rmtree(final)  # a damaged one that resume passed over: replaced by this save
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = root / f"{TMP_DIR}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -109,10 +173,12 @@ def save_checkpoint(root: Path, step: int, ella: ELLA, metadata: dict[str, Any],
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"world": dist.world, "ranks": rngs}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "checksums.json").write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.rename(tmp, final)
+        _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,6 +186,35 @@ def save_checkpoint(root: Path, step: int, ella: ELLA, metadata: dict[str, Any],
         shutil.rmtree(old, ignore_errors=True)
     log.info("saved checkpoint %s", final)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_layout(state: dict[str, Any], batch_size: int, world: int) -> None:
+    """The data position counts global micro-batches of batch_size x world samples: resuming continues the
+    exact sample sequence when that product is unchanged, and is refused otherwise."""
+    saved_world = int(state.get("world", 1))
+    saved_batch = int(state["config"]["train"]["batch_size"]) if "config" in state else batch_size
+    if saved_batch * saved_world != batch_size * world:
+        divisors = [w for w in range(1, saved_batch * saved_world + 1) if saved_batch * saved_world % w == 0]
+        raise TrainingError(
+            f"cannot resume: the checkpoint was trained with global micro-batches of {saved_batch * saved_world} "
+            f"samples (train.batch_size={saved_batch} x {saved_world} process(es)), this run has "
+            f"{batch_size * world} ({batch_size} x {world}); the sample order cannot be continued from its position. "
+            f"Use train.batch_size={saved_batch * saved_world // world} with {world} process(es)"
+            + ("" if saved_batch * saved_world % world == 0 else f" (impossible: use {divisors} processes)")
+            + ", or start a new run from these weights with connector.init_from=<checkpoint>/connector.safetensors")
 
 
 def load_checkpoint(path: Path, ella: ELLA, optimizer: torch.optim.Optimizer, dist: Dist) -> dict[str, Any]:
@@ -131,10 +226,10 @@ def load_checkpoint(path: Path, ella: ELLA, optimizer: torch.optim.Optimizer, di
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     if rng["world"] == dist.world:
         set_rng_state(rng["ranks"][dist.rank])
-    else:
-        log.warning("checkpoint was written by %d processes, now %d: RNG states not restored "
-                    "(sample noise is seeded per sample, so data and noise still follow the same sequence)",
-                    rng["world"], dist.world)
+    else:  # the global micro-batch is the same (check_layout): the per-sample seeds continue exactly
+        log.info("checkpoint was written by %d processes, now %d: the global RNG states are not restored; "
+                 "nothing the run draws comes from them (order, captions, dropout, timesteps and noise are "
+                 "seeded per sample), so the sample sequence continues exactly", rng["world"], dist.world)
     if (path / "ema.safetensors").is_file():
         state["ema"] = load_file(str(path / "ema.safetensors"))
     return state

@@ -2,7 +2,7 @@
 and the order samples are visited in.
 
 Sources: an image folder with same-named .txt captions (one caption per line), a JSONL or CSV manifest,
-or webdataset tar shards (local paths or URLs). Anything unreadable is skipped and counted, never fatal.
+or webdataset tar shards (local paths or URLs). Anything unreadable is skipped and counted under a fixed reason (`Skip`), never fatal.
 
 Determinism: every sample visit gets its own seed from (run seed, epoch, position in the epoch). Caption
 choice, caption dropout, timestep and noise all derive from it, so a resumed run and a run split over
@@ -17,6 +17,7 @@ import io
 import json
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,34 @@ import torch
 from PIL import Image
 
 from .config import DataConfig
+from .distributed import Dist
+from .errors import TrainingError
+from .tarfiles import CorruptTar, TruncatedTar, tar_members
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------- skipped samples
+class Skip:
+    """Why a sample was skipped. Fixed strings, so one kind of fault is always counted under one key; the
+    particulars (file, line, exception message) go into the examples only."""
+
+    INVALID_UTF8 = "invalid UTF-8"
+    INVALID_JSON = "invalid JSON"
+    NOT_AN_OBJECT = "not a JSON object"
+    MALFORMED_ROW = "malformed CSV row"
+    NO_IMAGE_FIELD = "missing image field"
+    BAD_IMAGE_FIELD = "image field is not a path"
+    NO_IMAGE = "no image in sample"
+    IMAGE_NOT_FOUND = "image file not found"
+    UNREADABLE_IMAGE = "unreadable image"
+    NO_CAPTION = "missing caption"
+    EMPTY_CAPTION = "empty caption"
+    BAD_CAPTION = "caption is not text"
+    TRUNCATED_SHARD = "truncated shard"  # once per shard: the sample cut and any after it (a tar has no count)
+    UNREADABLE_SHARD = "unreadable shard"  # once per shard that cannot be opened or parsed
+
+
 @dataclass
 class SkipCounter:
     """Counts skipped samples by reason and keeps a few examples for the log."""
@@ -39,10 +63,10 @@ class SkipCounter:
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] += 1
         if len(self.examples) < 20:
-            self.examples.append(f"{where}: {reason}")
+            self.examples.append(f"{where}: {reason}" + (f" ({detail[:200]})" if detail else ""))
 
     @property
     def total(self) -> int:
@@ -53,7 +77,17 @@ class SkipCounter:
         self.examples.extend(other.get("examples", [])[: max(0, 20 - len(self.examples))])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "counts": dict(self.counts), "examples": self.examples}
+        return {"total": self.total, "counts": dict(self.counts), "examples": list(self.examples)}
+
+
+def describe(error: BaseException) -> str:
+    """An exception for the examples: its type and message without object addresses."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", f"{type(error).__name__}: {error}")
+
+
+def image_failure(error: BaseException) -> str:
+    """The skip reason of an image that could not be loaded or decoded."""
+    return Skip.IMAGE_NOT_FOUND if isinstance(error, (FileNotFoundError, IsADirectoryError)) else Skip.UNREADABLE_IMAGE
 
 
 # ---------------------------------------------------------------- records
@@ -67,20 +101,40 @@ class Record:
     size: Optional[tuple[int, int]] = None  # (height, width), when known without decoding
 
 
-def _clean_captions(values: Sequence[Any]) -> list[str]:
-    """Non-empty stripped strings from strings and (nested) lists; None and other types are ignored."""
+@dataclass
+class Rejected:
+    """A source entry that is not a usable sample, in its place in the source order."""
+
+    key: str
+    reason: str  # a Skip constant
+    detail: str = ""
+
+
+def _is_text(value: str) -> bool:
+    """False for strings holding undecodable bytes (surrogate escapes) or lone surrogates."""
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def captions_from(values: Sequence[Any]) -> tuple[list[str], Optional[str]]:
+    """Caption fields (strings or lists of strings, None when absent) -> (stripped captions, None), or
+    ([], the Skip reason) when there is none, one is not text, or all are empty."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return [], Skip.NO_CAPTION
     out: list[str] = []
-    for value in values:
-        if isinstance(value, str) and value.strip():
-            out.append(value.strip())
-        elif isinstance(value, (list, tuple)):
-            out.extend(_clean_captions(value))
-    return out
-
-
-def _caption_lines(text: str) -> list[str]:
-    """A caption text file: one caption per non-empty line (e.g. a short one, then a dense one)."""
-    return _clean_captions(text.splitlines())
+    for value in present:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, str):
+                return [], Skip.BAD_CAPTION
+            if not _is_text(item):
+                return [], Skip.INVALID_UTF8
+            if item.strip():
+                out.append(item.strip())
+    return (out, None) if out else ([], Skip.EMPTY_CAPTION)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -91,7 +145,9 @@ def _file_loader(path: Path) -> Callable[[], bytes]:
     return functools.partial(_read_bytes, path)  # picklable, for DataLoader workers started by spawn
 
 
-def detect_format(path: str) -> str:
+def detect_format(path: Any) -> str:
+    if isinstance(path, (list, tuple)):
+        return "webdataset"
     p = str(path)
     if p.endswith(".jsonl"):
         return "jsonl"
@@ -103,78 +159,89 @@ def detect_format(path: str) -> str:
         return "webdataset"  # a folder of shards
     if Path(p).is_dir():
         return "folder"
-    raise ValueError(f"data.path {p!r}: cannot tell its format; set data.format to folder, jsonl, csv or webdataset")
+    raise TrainingError(f"data.path {p!r}: cannot tell its format; set data.format to folder, jsonl, csv or webdataset")
 
 
-def folder_records(root: Path, skips: SkipCounter) -> list[Record]:
+def folder_items(root: Path) -> Iterator[Record | Rejected]:
     """Images under `root` (recursive) with captions in `<same name>.txt`, one caption per line."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data.path {root} is not a folder")
-    records = []
+        raise TrainingError(f"data.path {root} is not a folder")
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+        key = str(image.relative_to(root))
         txt = image.with_suffix(".txt")
-        if not txt.is_file():
-            skips.add("missing caption file", str(image))
-            continue
         try:
-            captions = _caption_lines(txt.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            skips.add(f"unreadable caption ({type(e).__name__})", str(txt))
+            text = txt.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            yield Rejected(key, Skip.NO_CAPTION, f"no {txt.name}")
             continue
-        if not captions:
-            skips.add("empty caption", str(txt))
+        except UnicodeDecodeError as e:
+            yield Rejected(key, Skip.INVALID_UTF8, f"{txt.name}: {e.reason} at byte {e.start}")
             continue
-        records.append(Record(str(image.relative_to(root)), captions, _file_loader(image)))
-    return records
+        except OSError as e:
+            yield Rejected(key, Skip.NO_CAPTION, f"{txt.name}: {e}")
+            continue
+        captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
+        yield Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
 
 
-def _row_record(row: dict[str, Any], base: Path, config: DataConfig, where: str, skips: SkipCounter) -> Optional[Record]:
+def _row_item(row: dict[str, Any], base: Path, config: DataConfig, where: str) -> Record | Rejected:
     image = row.get(config.image_column)
-    if not image:
-        skips.add(f"no {config.image_column!r} field", where)
-        return None
-    captions = _clean_captions([row.get(c) for c in config.caption_columns if row.get(c) is not None])
-    if not captions:
-        skips.add(f"no caption in {config.caption_columns}", where)
-        return None
+    if image is None or image == "":
+        return Rejected(where, Skip.NO_IMAGE_FIELD, f"no {config.image_column!r}")
+    if not isinstance(image, str):
+        return Rejected(where, Skip.BAD_IMAGE_FIELD, f"{config.image_column}={image!r}")
+    if not _is_text(image):
+        return Rejected(where, Skip.INVALID_UTF8, f"in {config.image_column!r}")
+    captions, reason = captions_from([row.get(c) for c in config.caption_columns])
+    if reason:
+        return Rejected(where, reason, f"columns {list(config.caption_columns)}")
     path = Path(image) if Path(image).is_absolute() else base / image
-    return Record(str(image), captions, _file_loader(path))
+    return Record(image, captions, _file_loader(path))
 
 
-def jsonl_records(path: Path, config: DataConfig, skips: SkipCounter) -> list[Record]:
+def jsonl_items(path: Path, config: DataConfig) -> Iterator[Record | Rejected]:
     """One JSON object per line: {"image": "a.jpg", "caption": "..." or [...], ...}; paths relative to the file."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Rejected(where, Skip.INVALID_UTF8, f"{e.reason} at byte {e.start}")
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                skips.add(f"invalid JSON ({e.msg})", f"{path}:{n}")
+                yield Rejected(where, Skip.INVALID_JSON, e.msg)
                 continue
             if not isinstance(row, dict):
-                skips.add("line is not a JSON object", f"{path}:{n}")
+                yield Rejected(where, Skip.NOT_AN_OBJECT, type(row).__name__)
                 continue
-            record = _row_record(row, path.parent, config, f"{path}:{n}", skips)
-            if record:
-                records.append(record)
-    return records
+            yield _row_item(row, path.parent, config, where)
 
 
-def csv_records(path: Path, config: DataConfig, skips: SkipCounter) -> list[Record]:
-    """A header row naming the image column and caption column(s); paths relative to the file."""
-    records = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in [config.image_column] if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r}; its columns are {reader.fieldnames}")
-        for n, row in enumerate(reader, 2):
-            record = _row_record(row, path.parent, config, f"{path}:{n}", skips)
-            if record:
-                records.append(record)
-    return records
+def csv_items(path: Path, config: DataConfig) -> Iterator[Record | Rejected]:
+    """A header row naming the image column and caption column(s); paths relative to the file. Undecodable
+    bytes are kept as surrogate escapes so that only the rows holding them are skipped."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None) or []
+    if config.image_column not in header:
+        raise TrainingError(f"{path}: no column {config.image_column!r}; its columns are {header}")
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield Rejected(f"{path}:{reader.line_num}", Skip.MALFORMED_ROW, str(e))
+            continue
+        if not any(v.strip() for v in values):
+            continue  # blank line
+        row = dict(zip(header, values))
+        yield _row_item(row, path.parent, config, f"{path}:{reader.line_num}")
 
 
 def _tar_urls(path: Any) -> list[str]:
@@ -191,59 +258,117 @@ def _tar_urls(path: Any) -> list[str]:
     return [text]
 
 
-def webdataset_records(path: Any, config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
-    """Streams samples from tar shards (local or URLs, through webdataset). Images: jpg/png/webp; captions:
-    `.txt` (one per line) or `.json` fields named by data.caption_columns."""
-    import webdataset as wds
+def _open_shard(url: str) -> Any:
+    if url.startswith(("http://", "https://", "pipe:", "gs://", "s3://")):
+        from webdataset.gopen import gopen  # curl/pipe streams
 
-    def on_error(exn: Exception) -> bool:
-        skips.add(f"unreadable shard data ({type(exn).__name__}: {exn})", "webdataset")
-        return True  # keep going
+        return gopen(url, "rb")
+    return open(url, "rb")
 
-    stream = wds.WebDataset(_tar_urls(path), shardshuffle=False, handler=on_error, empty_check=False)
-    for sample in stream:
-        key = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
-        image_ext = next((e.lstrip(".") for e in IMAGE_EXTS if e.lstrip(".") in sample), None)
-        if image_ext is None:
-            skips.add("no image in sample", key)
-            continue
-        captions: list[str] = []
+
+def webdataset_items(path: Any, config: DataConfig) -> Iterator[Record | Rejected]:
+    """Samples of tar shards (local or URLs): members grouped by key (`key.png`, `key.txt`, `key.json`).
+    Images: jpg/png/webp; captions: `.txt` (one per line) or `.json` fields named by data.caption_columns.
+    A shard cut short or unparseable costs the sample it was in and is counted once, never fatal."""
+    for url in _tar_urls(path):
         try:
-            if "txt" in sample:
-                captions = _caption_lines(sample["txt"].decode("utf-8"))
-            if not captions and "json" in sample:
-                meta = json.loads(sample["json"])
-                captions = _clean_captions([meta.get(c) for c in config.caption_columns if meta.get(c) is not None])
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            skips.add(f"unreadable caption ({type(e).__name__})", key)
+            stream = _open_shard(url)
+        except OSError as e:
+            yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
             continue
-        if not captions:
-            skips.add("missing caption", key)
-            continue
-        data = sample[image_ext]
-        yield Record(key, captions, lambda data=data: data)
+        try:
+            group: dict[str, bytes] = {}
+            key = None
+            try:
+                for name, payload in tar_members(stream):
+                    base, ext = _split_key(name)
+                    if base is None:
+                        continue
+                    if base != key and group:
+                        yield _tar_sample(f"{url}#{key}", group, config)
+                        group = {}
+                    key = base
+                    group[ext] = payload
+                if group:
+                    yield _tar_sample(f"{url}#{key}", group, config)
+            except TruncatedTar as e:
+                yield Rejected(url, Skip.TRUNCATED_SHARD, str(e))
+            except (CorruptTar, OSError) as e:
+                yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
+        finally:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 (a failed curl pipe reports on close; the shard is counted above)
+                pass
+
+
+def _split_key(name: str) -> tuple[Optional[str], str]:
+    """"a/b/img001.seg.png" -> ("a/b/img001", "seg.png"): webdataset's key is all before the basename's first dot."""
+    folder, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None, ""
+    stem, ext = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _tar_sample(key: str, group: dict[str, bytes], config: DataConfig) -> Record | Rejected:
+    image_ext = next((e.lstrip(".") for e in IMAGE_EXTS if e.lstrip(".") in group), None)
+    if image_ext is None:
+        return Rejected(key, Skip.NO_IMAGE, f"members {sorted(group)}")
+    values: list[Any] = []
+    if "txt" in group:
+        try:
+            values.extend(group["txt"].decode("utf-8").splitlines() or [""])
+        except UnicodeDecodeError as e:
+            return Rejected(key, Skip.INVALID_UTF8, f"txt: {e.reason} at byte {e.start}")
+    captions, reason = captions_from(values)
+    if reason and "json" in group:
+        try:
+            meta = json.loads(group["json"].decode("utf-8"))
+        except UnicodeDecodeError:
+            return Rejected(key, Skip.INVALID_UTF8, "json")
+        except json.JSONDecodeError as e:
+            return Rejected(key, Skip.INVALID_JSON, e.msg)
+        if not isinstance(meta, dict):
+            return Rejected(key, Skip.NOT_AN_OBJECT, type(meta).__name__)
+        captions, reason = captions_from([meta.get(c) for c in config.caption_columns])
+    if reason:
+        return Rejected(key, reason)
+    data = group[image_ext]
+    return Record(key, captions, functools.partial(bytes, data))
+
+
+# ---------------------------------------------------------------- all sources
+def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
+    """Every entry of the source, usable or not, in source order (the same order on every process)."""
+    fmt = config.format if config.format != "auto" else detect_format(config.path)
+    if fmt == "webdataset":
+        yield from webdataset_items(config.path, config)
+        return
+    path = Path(config.path)
+    if fmt == "folder":
+        yield from folder_items(path)
+        return
+    if not path.is_file():
+        raise TrainingError(f"data.path {path}: manifest not found")
+    yield from jsonl_items(path, config) if fmt == "jsonl" else csv_items(path, config)
+
+
+def stream_records(config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
+    """The usable records in source order; the others are counted in `skips`."""
+    for item in stream_items(config):
+        if isinstance(item, Rejected):
+            skips.add(item.reason, item.key, item.detail)
+        else:
+            yield item
 
 
 def indexable_records(config: DataConfig, skips: SkipCounter) -> list[Record]:
     fmt = config.format if config.format != "auto" else detect_format(config.path)
-    path = Path(config.path)
-    if fmt == "folder":
-        return folder_records(path, skips)
-    if fmt in ("jsonl", "csv"):
-        if not path.is_file():
-            raise FileNotFoundError(f"data.path {path}: manifest not found")
-        return jsonl_records(path, config, skips) if fmt == "jsonl" else csv_records(path, config, skips)
-    raise ValueError("webdataset shards are streamed, not indexed: keep cache.enabled=true so they are read once "
-                     "into the feature cache")
-
-
-def stream_records(config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
-    """Every record of any format, in source order."""
-    fmt = config.format if config.format != "auto" else detect_format(config.path)
     if fmt == "webdataset":
-        yield from webdataset_records(config.path, config, skips)
-    else:
-        yield from indexable_records(config, skips)
+        raise TrainingError("webdataset shards are streamed, not indexed: keep cache.enabled=true so they are read "
+                         "once into the feature cache")
+    return list(stream_records(config, skips))
 
 
 # ---------------------------------------------------------------- buckets and images
@@ -376,7 +501,7 @@ class BatchPlan:
         global_batch = batch_size * world
         if not epoch_batches(self.buckets, global_batch, seed, 0):
             counts = Counter(tuple(b) for b in self.buckets)
-            raise ValueError(
+            raise TrainingError(
                 f"no bucket holds a full global batch of {global_batch} samples (batch_size {batch_size} x "
                 f"{world} processes); bucket sizes: {dict(counts)}. Lower train.batch_size, add data, or set "
                 "data.buckets=false")
@@ -411,7 +536,7 @@ class OnlineDataset(torch.utils.data.Dataset):
         try:
             sample = fit_to_bucket(decode_image(record.load()), self.buckets[index])
         except Exception as e:  # PIL raises many types for corrupt files
-            return {"skip": f"unreadable image ({type(e).__name__}: {e})", "key": record.key}
+            return {"skip": image_failure(e), "key": record.key, "detail": describe(e)}
         return {"pixels": sample.pixels, "text": "" if choice < 0 else record.captions[choice],
                 "original_size": sample.original_size, "crop_top_left": sample.crop_top_left,
                 "seed": seed, "key": record.key}
@@ -420,10 +545,72 @@ class OnlineDataset(torch.utils.data.Dataset):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stacks tensors; samples that failed to load are listed under "skipped" (and left out)."""
     good = [it for it in items if "skip" not in it]
-    batch: dict[str, Any] = {"skipped": [(it["key"], it["skip"]) for it in items if "skip" in it]}
+    batch: dict[str, Any] = {"skipped": [(it["key"], it["skip"], it["detail"]) for it in items if "skip" in it]}
     if not good:
         return batch
     for name in good[0]:
         values = [it[name] for it in good]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
+
+
+# ---------------------------------------------------------------- what the loop reads
+class Data:
+    """The dataset of a run plus what the loop needs besides: the empty prompt, the LLM if resident, the
+    feature cache (a training.cache.FeatureCache) if used."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, buckets: list[tuple[int, int]], empty: torch.Tensor,
+                 llm: Any, skipped: SkipCounter, cache: Optional[Any]) -> None:
+        self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
+            dataset, buckets, empty, llm, skipped, cache)
+        self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
+        self.runtime_skips = SkipCounter()  # this rank's samples that failed while training (no cache)
+
+    def all_skips(self, dist: Dist) -> SkipCounter:
+        """Collective: source/cache skips plus every rank's runtime skips."""
+        total = SkipCounter()
+        total.merge(self.skipped.to_dict())
+        for part in dist.gather(self.runtime_skips.to_dict()):
+            total.merge(part)
+        return total
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.empty.shape[-1])
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
+
+    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
+        for items in self.plan:
+            pos = (self.plan.position.epoch, self.plan.position.batch)
+            yield [(i, s) + pos for i, s in items]
+
+
+class _WithPosition(torch.utils.data.Dataset):
+    """Adds the data position after this batch to each item, so a checkpoint knows where to continue even
+    when loader workers have prefetched further."""
+
+    def __init__(self, inner: torch.utils.data.Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
+        index, seed, epoch, batch = item
+        return {**self.inner[(index, seed)], "position": (epoch, batch)}
+
+
+def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
+    position = items[0]["position"]
+    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
+    batch["position"] = position
+    return batch
+
+def make_loader(dataset: torch.utils.data.Dataset, plan: BatchPlan, num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches in the plan's order; each carries the data position after it (for checkpoints)."""
+    return torch.utils.data.DataLoader(_WithPosition(dataset), batch_sampler=_PlanSampler(plan),
+                                       collate_fn=_collate_with_position, num_workers=num_workers)

@@ -14,8 +14,8 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,13 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from ella_core import ELLA
 
 from . import cache as feature_cache
-from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
-from .config import Config, OptimConfig, save_config
-from .data import (BatchPlan, DataPosition, OnlineDataset, SkipCounter, collate, image_size, indexable_records,
-                   make_buckets, nearest_bucket)
+from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
+from .config import Config, OptimConfig, result_changes, save_config
+from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, image_failure, image_size,
+                   indexable_records, make_buckets, make_loader, nearest_bucket)
 from .distributed import Dist, setup
-from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm
-from .sampling import sample, sdxl_time_ids
+from .errors import TrainingError
+from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm, sdxl_time_ids
+from .sampling import sample
+from .stopping import Stop
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -78,47 +80,12 @@ def draw_noise(seeds: list[int], shape: tuple[int, ...], num_timesteps: int, noi
     return torch.cat(ts), torch.stack(noises)
 
 
-class StopSignal:
-    """SIGTERM (and SIGINT) ask for a checkpoint and a clean exit at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-
 # ---------------------------------------------------------------- data
-class Data:
-    """The dataset of a run plus what the loop needs besides: the empty prompt, the LLM if resident."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, buckets: list[tuple[int, int]], empty: torch.Tensor,
-                 llm: Any, skipped: SkipCounter, cache: Optional[feature_cache.FeatureCache]) -> None:
-        self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
-            dataset, buckets, empty, llm, skipped, cache)
-        self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
-        self.runtime_skips = SkipCounter()  # this rank's samples that failed while training (no cache)
-
-    def all_skips(self, dist: Dist) -> SkipCounter:
-        """Collective: source/cache skips plus every rank's runtime skips."""
-        total = SkipCounter()
-        total.merge(self.skipped.to_dict())
-        for part in dist.gather(self.runtime_skips.to_dict()):
-            total.merge(part)
-        return total
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.empty.shape[-1])
-
-
-def prepare_data(config: Config, base: Base, dist: Dist) -> Data:
+def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
     d = config.data
     skipped = SkipCounter()
     if config.cache.enabled:
-        folder = feature_cache.cache_dir(config, base.unet.dtype)
+        folder = feature_cache.cache_dir(config, base.vae.dtype)
         if not feature_cache.FeatureCache.is_complete(folder):
             log.info("building the feature cache in %s", folder)
             llm_holder: dict[str, Any] = {}
@@ -127,7 +94,7 @@ def prepare_data(config: Config, base: Base, dist: Dist) -> Data:
                 llm_holder.setdefault("llm", load_llm(config.llm, dist.device))
                 return llm_holder["llm"]
 
-            feature_cache.build_cache(config, folder, base, get_llm, dist)
+            feature_cache.build_cache(config, folder, base, get_llm, dist, stop)
             llm_holder.clear()  # the LLM leaves memory before training starts
         else:
             log.info("reusing the feature cache in %s", folder)
@@ -142,45 +109,14 @@ def prepare_data(config: Config, base: Base, dist: Dist) -> Data:
         try:
             buckets.append(nearest_bucket(image_size(record), bucket_set))
             kept.append(record)
-        except Exception as e:
-            skipped.add(f"unreadable image ({type(e).__name__}: {e})", record.key)
+        except Exception as e:  # noqa: BLE001 (PIL raises many types for corrupt files)
+            skipped.add(image_failure(e), record.key, describe(e))
     if not kept:
-        raise RuntimeError(f"no usable samples in {d.path} ({skipped.total} skipped: {dict(skipped.counts)})")
+        raise TrainingError(f"no usable samples in {d.path} ({skipped.total} skipped: {dict(skipped.counts)}, "
+                            f"e.g. {skipped.examples[:3]})")
     llm = load_llm(config.llm, dist.device)
     empty = encode_texts(llm, [""], config.llm)[0].float().cpu()
     return Data(OnlineDataset(kept, buckets, d), buckets, empty, llm, skipped, None)
-
-
-class _PlanSampler(torch.utils.data.Sampler):
-    def __init__(self, plan: BatchPlan) -> None:
-        self.plan = plan
-
-    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
-        for items in self.plan:
-            pos = (self.plan.position.epoch, self.plan.position.batch)
-            yield [(i, s) + pos for i, s in items]
-
-
-class _WithPosition(torch.utils.data.Dataset):
-    """Adds the data position after this batch to each item, so a checkpoint knows where to continue even
-    when loader workers have prefetched further."""
-
-    def __init__(self, inner: torch.utils.data.Dataset) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
-        index, seed, epoch, batch = item
-        return {**self.inner[(index, seed)], "position": (epoch, batch)}
-
-
-def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
-    position = items[0]["position"]
-    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
-    batch["position"] = position
-    return batch
 
 
 # ---------------------------------------------------------------- one micro-step
@@ -199,7 +135,9 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
             features = batch["features"].to(device)  # (B, L, D)
         else:
             latents = base.encode_pixels(batch["pixels"].to(device)).float()
+            feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
             features = encode_texts(data.llm, batch["text"], config.llm).float().to(device)
+            feature_cache.check_finite(features, batch["key"], "LLM features", feature_cache.llm_fix(config))
     b = latents.shape[0]
     timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
                                   config.train.noise_offset)
@@ -232,8 +170,8 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
     losses, samples = [], 0
     for micro in range(t.grad_accum):
         batch = next(batches)
-        for key, reason in batch["skipped"]:
-            data.runtime_skips.add(reason, key)
+        for key, reason, detail in batch["skipped"]:
+            data.runtime_skips.add(reason, key, detail)
         last = micro == t.grad_accum - 1
         with step_module.no_sync() if dist.enabled and not last else contextlib.nullcontext():
             loss, n = micro_step_loss(batch, base, data, step_module, config, dist.device, autocast)
@@ -265,30 +203,55 @@ def _setup_logging(dist: Dist, out: Path) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
-def run(config: Config) -> Path:
-    """Trains the connector; returns the path of the final connector file."""
-    dist = setup(config.train.device, config.train.backend)
+def run(config: Config, stop: Optional[Stop] = None) -> Path:
+    """Trains the connector; returns the path of the final connector file. Raises StopRequested after saving
+    what is resumable when a SIGTERM/SIGINT arrives (`stop`, installed by train.py before start-up)."""
+    stop = stop or Stop().install()
+    t = config.train
+    dist = setup(t.device, t.backend, t.collective_timeout_s)
     out = Path(config.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    ckpt_root = out / "checkpoints"
+    with dist.failing_together("start-up"):
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_orphans(ckpt_root)
+    dist.agree("start-up", 0)
     _setup_logging(dist, out)
     random.seed(config.seed + dist.rank)
     np.random.seed(config.seed + dist.rank)
     torch.manual_seed(config.seed + dist.rank)
-    stop = StopSignal()
-    t = config.train
     if dist.is_main:
         save_config(config, out / "config.yaml")
     log.info("%d process(es), device %s, global batch %d", dist.world, dist.device,
              t.batch_size * t.grad_accum * dist.world)
 
+    # resume: which checkpoint, and whether it can continue this run (before anything is loaded)
+    resume, saved_state = None, None
+    with dist.failing_together("resume"):
+        resume = resolve_resume(t.resume, ckpt_root) if t.resume else None
+        if t.resume and resume is None:
+            log.info("train.resume=%s: no intact checkpoint in %s, starting fresh", t.resume, ckpt_root)
+        if resume is not None:
+            saved_state = json.loads((resume / "trainer_state.json").read_text())
+            changes = result_changes(saved_state.get("config", {}), config, int(saved_state.get("world", 1)),
+                                     dist.world)
+            if changes:
+                log.warning("resume: these settings differ from %s's and change the result:\n  %s", resume.name,
+                            "\n  ".join(changes))
+            check_layout(saved_state, t.batch_size, dist.world)
+    chosen = dist.gather(str(resume))
+    if len(set(chosen)) > 1:
+        raise TrainingError(f"the processes chose different checkpoints to resume from: {chosen}; is output_dir "
+                            "shared between the nodes?")
+
     # models: the frozen base, the data (with the LLM only if there is no cache), the connector
     weight_dtype = MIXED[t.mixed_precision]
-    base = load_base(config.model, dist.device, weight_dtype)
-    if t.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    data = prepare_data(config, base, dist)
+    with dist.failing_together("loading the base model"):
+        base = load_base(config.model, dist.device, weight_dtype)
+        if t.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+    dist.agree("loading the base model", 1)
+    data = prepare_data(config, base, dist, stop)  # the cache build defers signals while it encodes
     if data.skipped.total:
         log.warning("skipped %d unusable samples: %s (e.g. %s)", data.skipped.total, dict(data.skipped.counts),
                     data.skipped.examples[:3])
@@ -310,12 +273,7 @@ def run(config: Config) -> Path:
     log.info("connector: %s, %.1f M trainable parameters", ella.config,
              sum(p.numel() for p in ella.parameters()) / 1e6)
 
-    # resume
     step, position, samples_seen = 0, DataPosition(), 0
-    ckpt_root = out / "checkpoints"
-    resume = resolve_resume(t.resume, ckpt_root) if t.resume else None
-    if t.resume and resume is None:
-        log.info("train.resume=%s: no checkpoint yet in %s, starting fresh", t.resume, ckpt_root)
     if resume is not None:
         state = load_checkpoint(resume, ella, optimizer, dist)
         step, samples_seen = state["step"], state["samples_seen"]
@@ -329,14 +287,13 @@ def run(config: Config) -> Path:
         log.info("resumed from %s at step %d", resume, step)
 
     plan = BatchPlan(data.buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
-    loader = torch.utils.data.DataLoader(_WithPosition(data.dataset), batch_sampler=_PlanSampler(plan),
-                                         collate_fn=_collate_with_position, num_workers=config.data.num_workers)
-    batches = iter(loader)
+    batches = iter(make_loader(data.dataset, plan, config.data.num_workers))
     writer = metrics_file = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"))
+        keep_metrics_until(out / "metrics.jsonl", step)  # steps after the checkpoint are trained again
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
         metrics_file = open(out / "metrics.jsonl", "a")
 
     def save(at_step: int) -> None:
@@ -351,54 +308,80 @@ def run(config: Config) -> Path:
     bar = tqdm(total=t.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step",
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started, started_step = time.time(), step
-    while step < t.max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = o.lr * lr_factor(step, o, t.max_steps)
-        losses, n, position = optimizer_step(batches, base, data, step_module, ella, optimizer, scaler, config,
-                                             dist, autocast)
-        samples_seen += n
-        step += 1
-        if ema is not None:
-            ema.update(ella, step)
-        bar.update(1)
+    stopping = False
+    stop.phase = "training"
+    with stop.deferred():
+        while step < t.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = o.lr * lr_factor(step, o, t.max_steps)
+            losses, n, position = optimizer_step(batches, base, data, step_module, ella, optimizer, scaler, config,
+                                                 dist, autocast)
+            samples_seen += n
+            step += 1
+            if ema is not None:
+                ema.update(ella, step)
+            bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            loss_value = dist.mean(torch.stack(losses).mean()).item()
-            skipped = data.all_skips(dist).total
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optim.lr or use bf16/fp32")
-            if dist.is_main:
-                rate = (step - started_step) / max(time.time() - started, 1e-9)
-                record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                          "samples_seen": samples_seen, "skipped": skipped, "steps_per_s": rate}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/lr", record["lr"], step)
-                writer.add_scalar("data/skipped", skipped, step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
-        v = config.validation
-        if v.every and v.prompts and step % v.every == 0:
-            validate(config, base, ella, ema, data, dist, out, writer, step)
-        stopping = dist.any(stop.requested)
-        if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
-            save(step)
-        if stopping:
-            log.info("stop requested (SIGTERM/SIGINT): saved step %d, exiting", step)
-            break
+            if step % t.log_every == 0 or step == t.max_steps:
+                loss_value = dist.mean(torch.stack(losses).mean()).item()
+                skipped = data.all_skips(dist).total
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"loss is {loss_value} at step {step} although the latents and features "
+                                        "were finite: the training diverged; lower optim.lr, set optim.max_grad_norm, "
+                                        "or train in bf16/fp32 (train.mixed_precision)")
+                if dist.is_main:
+                    rate = (step - started_step) / max(time.time() - started, 1e-9)
+                    record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                              "samples_seen": samples_seen, "skipped": skipped, "steps_per_s": rate}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/lr", record["lr"], step)
+                    writer.add_scalar("data/skipped", skipped, step)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+            v = config.validation
+            if v.every and v.prompts and step % v.every == 0:
+                validate(config, base, ella, ema, data, dist, out, writer, step)
+            stopping = dist.any(stop.requested)
+            if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
+                save(step)
+            if stopping:
+                break
     bar.close()
 
     final = out / "ella.safetensors"
     skipped = data.all_skips(dist)
     if dist.is_main:
-        if step >= t.max_steps:
+        if step >= t.max_steps and not stopping:
             save_final(ella, ema, connector_metadata(config, base, step), out)
             log.info("wrote %s (%d samples skipped in total: %s)", final, skipped.total, dict(skipped.counts))
         writer.close()
         metrics_file.close()
     dist.barrier()
     dist.close()
+    if stopping:
+        stop.raise_now(f"at step {step}: checkpoint {ckpt_root / f'step-{step:08d}'} saved; "
+                       "continue with --resume latest")
     return final
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drops metrics.jsonl records after `step` (logged by a run that stopped before its next checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) after step %d", len(lines) - len(kept), step)
 
 
 def save_final(ella: ELLA, ema: Optional[EMA], metadata: dict[str, Any], out: Path) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from ella_core import ELLA, ELLAConfig, load_ella
 
 from .config import ConnectorConfig, LLMConfig, ModelConfig
+from .errors import TrainingError
 
 log = logging.getLogger("training")
 
@@ -75,11 +76,16 @@ class Base:
         return (self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
+def sdxl_time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    return [float(original[0]), float(original[1]), float(crop[0]), float(crop[1]), float(target[0]), float(target[1])]
+
+
 def _detect_kind(unet: Any, requested: str) -> str:
     is_xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     kind = "sdxl" if is_xl else "sd15"
     if requested != "auto" and requested != kind:
-        raise ValueError(f"model.base={requested} but the UNet is an {kind} UNet "
+        raise TrainingError(f"model.base={requested} but the UNet is an {kind} UNet "
                          f"(addition_embed_type={getattr(unet.config, 'addition_embed_type', None)!r}); "
                          "fix model.base or model.pretrained")
     return kind
@@ -89,16 +95,17 @@ def load_base(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     """UNet, VAE and noise schedule from a diffusers folder, a hub id or a single-file checkpoint."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    vae_dtype = parse_dtype(config.vae_dtype) if config.vae_dtype else dtype
     source = config.pretrained
     if not source:
-        raise ValueError("model.pretrained is empty: set a diffusers folder, a hub id or a single-file checkpoint")
+        raise TrainingError("model.pretrained is empty: set a diffusers folder, a hub id or a single-file checkpoint")
     if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
-        raise FileNotFoundError(f"model.pretrained {source} does not exist")
+        raise TrainingError(f"model.pretrained {source} does not exist")
     source = str(Path(source).expanduser()) if source.startswith("~") else source
     single = Path(source).is_file() and Path(source).suffix in SINGLE_FILE_SUFFIXES
     if single:
         kwargs: dict[str, Any] = {"torch_dtype": dtype}
-        unet_kwargs, vae_kwargs = dict(kwargs), dict(kwargs)
+        unet_kwargs, vae_kwargs = dict(kwargs), {"torch_dtype": vae_dtype}
         if config.single_file_config:
             # `config` is the pipeline's root (folder or hub id); diffusers reads `<config>/<subfolder>/config.json`
             # and, given `config`, does not add the component's subfolder itself
@@ -108,7 +115,7 @@ def load_base(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
             unet = UNet2DConditionModel.from_single_file(source, **unet_kwargs)
             vae = AutoencoderKL.from_single_file(source, **vae_kwargs)
         except Exception as e:
-            raise RuntimeError(
+            raise TrainingError(
                 f"could not load the single-file checkpoint {source}: {e}. diffusers needs the base's config: "
                 "be online once, or set model.single_file_config to a diffusers folder/hub id of the same base "
                 "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)") from e
@@ -121,18 +128,18 @@ def load_base(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
         kwargs = {"revision": config.revision, "variant": config.variant}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if Path(source).exists() and not (Path(source) / "unet").is_dir():
-            raise FileNotFoundError(f"model.pretrained {source} is not a diffusers folder (no unet/ subfolder) "
+            raise TrainingError(f"model.pretrained {source} is not a diffusers folder (no unet/ subfolder) "
                                     "nor a single-file checkpoint (.safetensors/.ckpt)")
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **kwargs)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     kind = _detect_kind(unet, config.base)
     prediction = config.prediction_type or scheduler.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction type {prediction!r} is not supported; use epsilon or v_prediction")
+        raise TrainingError(f"prediction type {prediction!r} is not supported; use epsilon or v_prediction")
     scheduler.register_to_config(prediction_type=prediction)
     for module in (unet, vae):
-        module.requires_grad_(False).eval().to(device)  # already in `dtype` (torch_dtype above)
+        module.requires_grad_(False).eval().to(device)  # already in their dtypes (torch_dtype above)
     return Base(unet, vae, scheduler, kind, prediction)
 
 
@@ -165,7 +172,7 @@ def build_connector(config: ConnectorConfig, input_dim: int, base: Base) -> ELLA
         if c.pooled_dim != base.pooled_dim:
             problems.append(f"its pooled head is {c.pooled_dim}, the base needs {base.pooled_dim}")
         if problems:
-            raise ValueError(f"connector.init_from {config.init_from} does not fit: " + "; ".join(problems))
+            raise TrainingError(f"connector.init_from {config.init_from} does not fit: " + "; ".join(problems))
         log.info("connector initialised from %s", config.init_from)
     else:
         ella = ELLA(ELLAConfig(input_dim=input_dim, width=base.context_dim, layers=config.layers, heads=config.heads,

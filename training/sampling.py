@@ -9,12 +9,7 @@ import torch
 
 from ella_core import ELLA
 
-from .models import Base
-
-
-def sdxl_time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[float]:
-    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-    return [float(original[0]), float(original[1]), float(crop[0]), float(crop[1]), float(target[0]), float(target[1])]
+from .models import Base, sdxl_time_ids
 
 
 @torch.no_grad()

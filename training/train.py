@@ -16,23 +16,43 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `training` and `ella_core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.config import ConfigError, load_config  # noqa: E402
-from training.loop import run  # noqa: E402
+from training.stopping import Stop, StopRequested  # noqa: E402
+
+EXIT_CONFIG, EXIT_FAILED = 2, 1  # a stop on a signal exits with 128 + its number (143 for SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = Stop().install()  # first: a SIGTERM during start-up ends the run at once
+    try:
+        return _main(argv, stop)
+    except StopRequested as e:
+        print(f"stopped: {e.what}", file=sys.stderr)
+        return e.exit_code
+
+
+def _main(argv: list[str] | None, stop: Stop) -> int:
     parser = argparse.ArgumentParser(description="Train an ELLA connector (only the connector learns).")
     parser.add_argument("--config", help="YAML config file (training/configs/*.yaml)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    from training.config import ConfigError, load_config
+
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides)  # validated completely before torch is even imported
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    run(config)
+        return EXIT_CONFIG
+    from ella_core import ELLACheckpointError, TextEncoderError, WidthMismatchError
+    from training.errors import TrainingError
+    from training.loop import run
+
+    try:
+        run(config, stop)
+    except (TrainingError, ELLACheckpointError, TextEncoderError, WidthMismatchError) as e:  # the user's to fix
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

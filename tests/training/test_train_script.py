@@ -20,6 +20,7 @@ from tests.training.train_helpers import (ROOT, TINY_CONFIG, TRAIN_SCRIPT, png_b
 from safetensors.torch import load_file
 
 from ella_core import ELLA, load_ella, load_ella_with_metadata
+from training.data import Skip
 
 
 def _common(base: Path, llm: Path, data, out: Path, *extra: str) -> list[str]:
@@ -63,7 +64,7 @@ def test_folder_with_validation_images_and_ema(tiny_sd15, tiny_t5, datasets, tmp
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
     ckpt = out / "checkpoints" / "step-00000002"
     assert {p.name for p in ckpt.iterdir()} == {"connector.safetensors", "ema.safetensors", "optimizer.pt",
-                                                "rng.pt", "trainer_state.json"}
+                                                "rng.pt", "trainer_state.json", "checksums.json"}
     torch.load(ckpt / "optimizer.pt", weights_only=True)  # no pickled code needed
     assert not list((out / "checkpoints").glob(".tmp*"))
 
@@ -115,8 +116,9 @@ def test_bad_samples_are_skipped_and_counted_in_a_run(tiny_sd15, tiny_t5, tmp_pa
         assert "skipped" in proc.stderr
         state = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
         counts = state["skipped"]["counts"]
-        assert counts.get("missing caption file") == 1
-        unreadable = sum(v for k, v in counts.items() if k.startswith("unreadable image"))
+        assert counts.get(Skip.NO_CAPTION) == 1
+        assert set(counts) <= {Skip.NO_CAPTION, Skip.UNREADABLE_IMAGE}, counts  # one stable key per fault
+        unreadable = counts.get(Skip.UNREADABLE_IMAGE, 0)
         if mode == "true":  # the cache pass decodes every image once
             assert unreadable == 2
         else:  # the size scan catches the corrupt header; the truncated one fails when (if) it is drawn
@@ -124,22 +126,74 @@ def test_bad_samples_are_skipped_and_counted_in_a_run(tiny_sd15, tiny_t5, tmp_pa
         assert (out / "ella.safetensors").is_file()
 
 
+def _bad_utf8_manifest(root: Path, kind: str) -> Path:
+    from tests.training.train_helpers import write_csv, write_jsonl
+
+    path = (write_jsonl if kind == "jsonl" else write_csv)(root, synthetic_samples(12, seed=6))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"plain", b"pl\xe4in")  # one invalid UTF-8 byte in a caption
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "webdataset"])
+def test_malformed_sources_are_counted_in_a_run(tiny_sd15, tiny_t5, tmp_path, kind):
+    """One invalid UTF-8 byte in a manifest, one tar shard cut short: the run trains and every log says so."""
+    if kind == "webdataset":
+        from tests.training.train_helpers import write_tars
+
+        tars = write_tars(tmp_path / "tars", synthetic_samples(24, seed=6), per_shard=8)
+        tars[1].write_bytes(tars[1].read_bytes()[:5000])  # cut in the image of its third sample: the first one
+        # is read; the second, not known to be complete until the third's first member is whole, is lost
+        data, reason, kept = f"{tmp_path / 'tars'}/shard-{{0000..0002}}.tar", Skip.TRUNCATED_SHARD, 17
+    else:
+        data, reason, kept = _bad_utf8_manifest(tmp_path / "m", kind), Skip.INVALID_UTF8, 11
+    out = tmp_path / "run"
+    proc = run_trainer(*_common(tiny_sd15, tiny_t5, data, out), "train.max_steps=1")
+    assert f"skipped 1 unusable samples: {{'{reason}': 1}}" in proc.stderr
+    index = json.loads(next((out / "cache").glob("*/index.json")).read_text())
+    assert len(index["entries"]) == kept and index["skipped"]["counts"] == {reason: 1}
+    assert read_metrics(out)[-1]["skipped"] == 1 and (out / "ella.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- resume, SIGTERM, several processes
 def test_resume_gives_the_uninterrupted_loss_sequence(tiny_sd15, tiny_t5, datasets, tmp_path):
+    """Also: the newest checkpoint damaged (resume falls back to the one before), an orphan folder of a killed
+    save, metrics logged after the last intact checkpoint: the resumed run still equals the uninterrupted one,
+    metrics.jsonl has each step once, the orphan is gone."""
     common = _common(tiny_sd15, tiny_t5, datasets["folder"], None)[:3] + [
         f"cache.dir={tmp_path / 'cache'}", "train.ema_decay=0.8", "train.grad_accum=2", "train.batch_size=3",
         "optim.schedule_steps=6", "train.checkpoint_every=3", "data.caption_dropout=0.3"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_trainer(*common, f"output_dir={full}", "train.max_steps=6")
-    run_trainer(*common, f"output_dir={part}", "train.max_steps=3")
+    run_trainer(*common, f"output_dir={part}", "train.max_steps=4")  # checkpoints at 3 and 4 (the end)
+    connector = part / "checkpoints" / "step-00000004" / "connector.safetensors"
+    connector.write_bytes(connector.read_bytes()[:-100])  # the newest checkpoint is damaged
+    orphan = part / "checkpoints" / ".tmp-step-00000005-999"
+    orphan.mkdir()
+    (part / "ella.safetensors").unlink()
     proc = run_trainer(*common, f"output_dir={part}", "train.max_steps=6", "resume=latest")
-    assert "resumed from" in proc.stderr and "reusing the feature cache" in proc.stderr
+    assert "step-00000004 is damaged (connector.safetensors does not match its checksum" in proc.stderr
+    assert "resumed from" in proc.stderr and "step-00000003 at step 3" in proc.stderr
+    assert "reusing the feature cache" in proc.stderr and not orphan.exists()
+    assert "differ from" not in proc.stderr  # max_steps does not move the schedule (schedule_steps is set)
     losses_full = [m["loss"] for m in read_metrics(full)]
+    assert [m["step"] for m in read_metrics(part)] == list(range(1, 7))  # each step once
     losses_part = [m["loss"] for m in read_metrics(part)]
     assert len(losses_full) == 6 and losses_part == losses_full  # exactly equal on CPU
     for name in ("ella.safetensors", "ella_ema.safetensors"):
         a, b = _tensors(full / name), _tensors(part / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # another per-process batch cannot continue the sample sequence: refused before any model loads,
+    # after reporting the differences that would change the result
+    with pytest.raises(AssertionError) as info:
+        run_trainer(*common, f"output_dir={part}", "train.max_steps=7", "resume=latest", "train.batch_size=2",
+                    "optim.lr=2e-3")
+    stderr = str(info.value)
+    assert "trainer failed (1)" in stderr and "Traceback" not in stderr
+    assert "error: cannot resume: the checkpoint was trained with global micro-batches of 3 samples" in stderr
+    assert "train.batch_size: 3 -> 2" in stderr and "optim.lr: 0.001 -> 0.002" in stderr
+    assert "building the feature cache" not in stderr and "connector:" not in stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd15, tiny_t5, datasets, tmp_path):
@@ -157,9 +211,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd15, tiny_t5, datase
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]  # stopped, not finished
     ckpts = sorted((out / "checkpoints").glob("step-*"))
-    assert len(ckpts) == 1 and "stop requested" in stderr
+    assert len(ckpts) == 1 and "stopped: at step" in stderr
+    assert "--resume latest" in stderr
+    assert "Traceback" not in stderr
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
     assert state["step"] >= 2 and ckpts[0].name == f"step-{state['step']:08d}"
     load_ella(ckpts[0] / "connector.safetensors")
@@ -167,16 +223,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd15, tiny_t5, datase
 
 
 def test_two_gloo_processes_match_one_process(tiny_sd15, tiny_t5, datasets, tmp_path):
+    """Two processes (batch 2 each) train 2 steps, then one process (batch 4) resumes for the third: the same
+    global micro-batch, so the sample sequence continues, and the result matches one process throughout."""
     # lr 1e-4, the paper's. Attention key biases have an exactly zero gradient (softmax ignores a constant
     # shift), so theirs is pure rounding noise that Adam normalises into steps of up to lr: checked apart.
     common = _common(tiny_sd15, tiny_t5, datasets["folder"], None)[:3] + [
-        "train.max_steps=3", "data.caption_dropout=0.2", "optim.lr=1e-4"]
+        "train.max_steps=3", "data.caption_dropout=0.2", "optim.lr=1e-4", "optim.schedule_steps=3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_trainer(*common, f"output_dir={one}", "train.batch_size=4")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(random.randint(20000, 40000))]
-    run_trainer(*common, f"output_dir={two}", "train.batch_size=2", "train.backend=gloo", launcher=torchrun,
-                timeout=400)
+    run_trainer(*common, f"output_dir={two}", "train.batch_size=2", "train.backend=gloo", "train.max_steps=2",
+                launcher=torchrun, timeout=400)
+    rng = torch.load(two / "checkpoints" / "step-00000002" / "rng.pt", weights_only=True)
+    assert rng["world"] == 2 and len(rng["ranks"]) == 2  # every rank's RNG state
+    proc = run_trainer(*common, f"output_dir={two}", "train.batch_size=4", "resume=latest")
+    assert "written by 2 processes, now 1" in proc.stderr and "continues exactly" in proc.stderr
+    assert "differ from" not in proc.stderr  # batch 2 x 2 processes = 4 x 1: nothing that changes the result
     a, b = _tensors(one / "ella.safetensors"), _tensors(two / "ella.safetensors")
     width = a["connector.latents"].shape[1]
     key_bias = {k: (a[k][width:2 * width] - b[k][width:2 * width]).abs().max().item() for k in a
@@ -188,9 +251,7 @@ def test_two_gloo_processes_match_one_process(tiny_sd15, tiny_t5, datasets, tmp_
     assert worst < 1e-6, worst
     assert max(key_bias.values()) < 1e-5, key_bias
     la, lb = [m["loss"] for m in read_metrics(one)], [m["loss"] for m in read_metrics(two)]
-    assert la == pytest.approx(lb, rel=1e-5)
-    rng = torch.load(two / "checkpoints" / "step-00000003" / "rng.pt", weights_only=True)
-    assert rng["world"] == 2 and len(rng["ranks"]) == 2  # every rank's RNG state
+    assert la == pytest.approx(lb, rel=1e-5) and [m["step"] for m in read_metrics(two)] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------- SDXL, init_from
