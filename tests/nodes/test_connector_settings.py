@@ -5,6 +5,7 @@ loader says; the server log names both values. The file carries the trainer's ow
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,11 +21,18 @@ TRAINED = "trained_layer-2_len8.safetensors"
 
 
 def trainer_metadata(*overrides: str) -> dict:
+    """The metadata the trainer writes for a run with these overrides (its config validated as for a real run)."""
+    import tempfile
+
     from training.config import load_config
     from training.loop import connector_metadata
     from tests.training.train_helpers import TINY_CONFIG
 
-    config = load_config(TINY_CONFIG, [f"llm.source={tm.T5_NAME}", "data.path=captions.jsonl", *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "captions.jsonl"
+        manifest.write_text('{"image": "a.png", "caption": "a cat"}\n')
+        config = load_config(TINY_CONFIG, [f"llm.source={tm.T5_NAME}", f"data.path={manifest}",
+                                           f"model.pretrained={tmp}", f"output_dir={Path(tmp) / 'run'}", *overrides])
     return connector_metadata(config, SimpleNamespace(kind="sd15", prediction_type="epsilon"), step=5)
 
 
