@@ -139,12 +139,15 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------- the schema's rules beyond types
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # training.models.DTYPES' keys
+# Mirrors of ella_core.dtypes (the one dtype table), kept here as names so validation runs before torch is
+# imported; tests/training/test_config_validation.py checks they equal what the table accepts.
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16", "float", "half")  # training.models.DTYPES
+LLM_DTYPE_NAMES = ("auto", "default", *DTYPE_NAMES, "fp8_e4m3fn", "fp8_e5m2", "float8_e4m3fn", "float8_e5m2")
 _CHOICES = {
     "model.base": ("auto", "sd15", "sdxl"),
     "model.prediction_type": ("epsilon", "v_prediction"),
     "model.vae_dtype": DTYPE_NAMES,
-    "llm.dtype": DTYPE_NAMES,
+    "llm.dtype": LLM_DTYPE_NAMES,
     "llm.token_mode": ("fixed", "flexible"),
     "data.format": ("auto", "folder", "jsonl", "csv", "webdataset"),
     "data.caption_rule": ("random", "first", "longest", "weighted"),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ella_core import ELLA, ELLAConfig, load_ella
+from ella_core.dtypes import ALIASES, NAMES, canonical_name
 
 from .config import ConnectorConfig, LLMConfig, ModelConfig
 from .errors import TrainingError
@@ -23,8 +24,9 @@ from .errors import TrainingError
 log = logging.getLogger("training")
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# UNet, VAE and latent-cache dtypes: the names of the one dtype table (ella_core.dtypes) that compute (fp8 only
+# stores LLM weights). The config schema mirrors these names without importing torch (a test keeps them equal).
+DTYPES = {name: NAMES[canonical_name(name)] for name in (*NAMES, *ALIASES) if NAMES[canonical_name(name)].itemsize > 1}
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -63,7 +63,7 @@ BAD = [  # (override, text the message must contain)
     ("model.pretrained=/nonexistent/sd15", "model.pretrained=/nonexistent/sd15: no such file or folder"),
     ("model.base=sd3", "model.base='sd3' is not one of"),
     ("model.prediction_type=x0", "model.prediction_type='x0' is not one of"),
-    ("model.vae_dtype=half", "model.vae_dtype='half' is not one of"),
+    ("model.vae_dtype=fp8_e4m3fn", "model.vae_dtype='fp8_e4m3fn' is not one of"),  # fp8 only stores LLM weights
     ("connector.layers=0", "connector.layers=0 must be > 0"),
     ("connector.heads=-2", "connector.heads=-2 must be > 0"),
     ("connector.time_channel=33", "connector.time_channel=33 must be even"),
@@ -170,7 +170,12 @@ print(json.dumps({{"codes": codes, "torch": "torch" in sys.modules, "diffusers":
 
 
 def test_the_schema_knows_the_dtypes_the_models_parse():
-    from training.config import DTYPE_NAMES
+    """The schema's torch-free name lists equal what the one dtype table (ella_core.dtypes) accepts."""
+    from ella_core.dtypes import ALIASES, AUTO, NAMES, canonical_name
+    from training.config import DTYPE_NAMES, LLM_DTYPE_NAMES
     from training.models import DTYPES
 
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)
+    assert sorted(LLM_DTYPE_NAMES) == sorted({*AUTO, *NAMES, *ALIASES})
+    for name in LLM_DTYPE_NAMES:
+        canonical_name(name)  # every listed name parses
