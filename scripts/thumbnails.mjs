@@ -1,19 +1,14 @@
 // Screenshots of each example workflow's graph in the real frontend (headless Debian chromium, never a downloaded
 // browser), for scripts/make_thumbnails.py.   node thumbnails.mjs CONFIG.json
 // CONFIG: {server, viewport, user_data_dir, shots: {workflow.json: out.png}}
-import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
 
+import { launchChromium } from "./chromium.mjs";
+
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const require = createRequire(path.join(process.env.ELLA_NODE_MODULES, "noop.js"));
-const { chromium } = require("playwright-core");
 const size = config.viewport;
-const browser = await chromium.launchPersistentContext(config.user_data_dir, {
-  executablePath: "/usr/bin/chromium", headless: true, viewport: { width: size, height: size },
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"],
-});
+const browser = await launchChromium(config.user_data_dir, { width: size, height: size });
 try {
   const page = browser.pages()[0] ?? (await browser.newPage());
   await page.goto(config.server, { waitUntil: "load", timeout: 120000 });

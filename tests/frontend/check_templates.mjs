@@ -4,24 +4,15 @@
 //
 // node check_templates.mjs CONFIG.json  (CONFIG: {server, pack, workflows: {name: path}, first, searches,
 //                                         user_data_dir, templates_png, missing_png, out})
-import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
 
+import { launchChromium } from "../../scripts/chromium.mjs";
+
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const require = createRequire(path.join(process.env.ELLA_NODE_MODULES, "noop.js"));
-const { chromium } = require("playwright-core");
 
 const report = { page_errors: [], thumbnails: {}, cards: [], missing: {}, search: {} };
-const browser = await chromium.launchPersistentContext(config.user_data_dir, {
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1400, height: 900 },
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-  ],
-});
+const browser = await launchChromium(config.user_data_dir, { width: 1400, height: 900 });
 
 /** Text of each row of the open Missing Models dialog: {label, error, download_enabled}. */
 async function readMissingDialog(page) {

@@ -4,24 +4,14 @@
 //
 // node check_workflows.mjs CONFIG.json   (CONFIG: {server, workflows: {name: path}, user_data_dir, screenshot,
 //                                          text_encoder_name, connector_name, long_prompt, short_prompt, out})
-import { createRequire } from "node:module";
 import fs from "node:fs";
-import path from "node:path";
+
+import { launchChromium } from "../../scripts/chromium.mjs";
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const require = createRequire(path.join(process.env.ELLA_NODE_MODULES, "noop.js"));
-const { chromium } = require("playwright-core");
 
 const report = { console_errors: [], page_errors: [], http_errors: [], workflows: {}, tokens: {} };
-const browser = await chromium.launchPersistentContext(config.user_data_dir, {
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1600, height: 1000 },
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-  ],
-});
+const browser = await launchChromium(config.user_data_dir, { width: 1600, height: 1000 });
 
 async function waitFor(page, fn, arg, timeout = 30000) {
   await page.waitForFunction(fn, arg, { timeout, polling: 100 });
