@@ -1,20 +1,22 @@
 """Set-up shared by the sampling benches: ComfyUI imported in-process, this pack loaded the way ComfyUI
 loads it, and the real SD1.5 UNet / released connector architectures with random weights (no downloads).
 
-Benches do not import tests/: this is their own copy of the few helpers they need.
+Benches do not import tests/: what they share with the tests lives in devtools/.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from devtools import comfy_env  # noqa: E402
+from devtools.tiny_models import random_like  # noqa: E402
+
 PACK_MODULE = "ella_tsc_bench_pack"
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
@@ -28,45 +30,19 @@ TINY_UNET = dict(SD15_UNET, model_channels=64, num_heads=4, num_res_blocks=[1], 
 
 
 def import_comfy(cpu: bool) -> None:
-    """Make ComfyUI ($COMFYUI_PATH) importable; cpu forces its model management onto the CPU."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not (Path(path) / "main.py").is_file():
-        raise SystemExit("COMFYUI_PATH is not set to a ComfyUI tree; run: eval \"$(bash scripts/setup_env.sh)\"")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu
+    try:
+        comfy_env.import_comfy(cpu)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_pack():
-    """Import this repository as a ComfyUI custom-node package (relative imports work as in ComfyUI)."""
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = pack
-    spec.loader.exec_module(pack)
-    return pack
+    return comfy_env.load_pack(PACK_MODULE)
 
 
 def pack_module(name: str):
     """A module of the loaded pack, e.g. "nodes.hook" or "ella_core.conditioning"."""
-    return importlib.import_module(f"{PACK_MODULE}.{name}")
-
-
-def random_like(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
-    """Plausible random init by parameter role: norms 1, biases 0, weights ~ N(0, 1/fan_in)."""
-    if len(shape) == 0:
-        return torch.zeros(())
-    lname = name.lower()
-    if name.endswith("bias"):
-        return torch.zeros(shape)
-    if len(shape) == 1:
-        return torch.ones(shape) if ("norm" in lname or "ln" in lname) else torch.zeros(shape)
-    fan_in = int(torch.tensor(shape[1:]).prod())
-    return torch.randn(shape, generator=gen) / max(fan_in, 1) ** 0.5
+    return comfy_env.pack_module(PACK_MODULE, name)
 
 
 def build_unet(unet_config: dict, dtype: torch.dtype = torch.float32):

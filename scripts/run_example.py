@@ -111,7 +111,7 @@ def build_offline_models(models: Path, need_ckpt: bool, need_ella: bool) -> dict
     torch.manual_seed(0)
     if need_ckpt:
         sys.path.insert(0, str(ROOT))
-        from tests.support.tiny_models import write_tiny_sd15_checkpoint  # the same builder the tests use
+        from devtools.tiny_models import write_tiny_sd15_checkpoint  # the builder the tests use too
 
         if not (models / "checkpoints" / OFFLINE_CKPT).is_file():
             write_tiny_sd15_checkpoint(models, name=OFFLINE_CKPT)

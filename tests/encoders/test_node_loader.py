@@ -26,7 +26,7 @@ FLAGS = {"fp8_e4m3fn_text_enc": "--fp8_e4m3fn-text-enc", "fp8_e5m2_text_enc": "-
 def comfy_env(tmp_path_factory):
     """ComfyUI imported on CPU, our pack loaded by path, models/text_encoders holding two tokenizer-less T5 files."""
     from tests.nodes.inprocess import PACK_MODULE, load_pack
-    from tests.support import tiny_models as tm
+    from devtools import tiny_models as tm
 
     tm.import_comfy()
     import folder_paths

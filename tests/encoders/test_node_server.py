@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 from tests.support.comfy_server import ComfyServer
 
 from encoder_builders import write_t5_single_file

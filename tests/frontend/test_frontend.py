@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from tests.support.comfy_server import ComfyServer
-from tests.support.tiny_models import t5_tokenizer_dir, write_all, write_tiny_ella
+from devtools.tiny_models import t5_tokenizer_dir, write_all, write_tiny_ella
 from tests.workflows.examples import example_files, write_input_image  # puts scripts/ on sys.path
 
 from workflow_to_prompt import workflow_to_prompt  # noqa: E402  (scripts/)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 from tests.support.comfy_server import ComfyServer
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 
 
 def ella_prompt(*, out_dir: str, positive: str = "a red fox in the snow", negative: str = "",

@@ -3,29 +3,22 @@ recorder of every UNet call, for exactness tests that need many sampler/schedule
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tests.support import tiny_models as tm
+from devtools import comfy_env
+from devtools import tiny_models as tm
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = comfy_env.REPO_ROOT
 PACK_MODULE = "ella_pack_under_test"
 
 
 def load_pack():
-    """Import the repository as a ComfyUI custom-node package (relative imports work as in ComfyUI)."""
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = pack
-    spec.loader.exec_module(pack)
-    return pack
+    """The repository imported as a ComfyUI custom-node package (relative imports work as in ComfyUI)."""
+    return comfy_env.load_pack(PACK_MODULE)
 
 
 @dataclass
@@ -92,7 +85,7 @@ def tiny_sdxl_model(seed: int = 0):
     config = comfy.supported_models.SDXL(unet_config)
     model = config.get_model({})
     gen = torch.Generator().manual_seed(seed)
-    state = {k: tm._random_like(k, v.shape, gen) for k, v in model.diffusion_model.state_dict().items()}
+    state = {k: tm.random_like(k, v.shape, gen) for k, v in model.diffusion_model.state_dict().items()}
     model.diffusion_model.load_state_dict(state)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 

@@ -14,7 +14,7 @@ import torch
 from ella_core import ELLA, ELLAConfig
 from ella_core.conditioning import ContextCache, ELLAConnectorMismatch, EllaPrompt, check_same_connector
 from tests.nodes.inprocess import Recorder, make_env, sample
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 
 
 def _random_connector(seed: int, **overrides) -> ELLA:

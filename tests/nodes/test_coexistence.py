@@ -26,7 +26,7 @@ import torch
 
 from tests.nodes.inprocess import REPO_ROOT, load_pack
 from tests.support import reference_surface as rs
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 from tests.support.comfy_server import ComfyServer
 
 MANIFEST = rs.load_manifest()

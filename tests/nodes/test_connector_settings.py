@@ -15,7 +15,7 @@ from ella_core import ELLA, ELLAConfig, EllaMetadata, load_ella, save_ella
 from ella_core.encoding_settings import EncodingSettings, settings_for_connector
 from ella_core.text_encoder import load_text_encoder
 from tests.nodes.graphs import assert_contexts_exact, connector_reference, ella_prompt, read_calls
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 
 TRAINED = "trained_layer-2_len8.safetensors"
 

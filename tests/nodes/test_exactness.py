@@ -246,7 +246,7 @@ def test_controlnet_gets_the_same_context_as_the_unet(env, conds, tiny_base):
     per-step context too (the hook runs before batching and before ControlNet)."""
     import comfy.controlnet
     import nodes as comfy_nodes  # ComfyUI's nodes.py
-    from tests.support import tiny_models as tm
+    from devtools import tiny_models as tm
 
     (c, refs) = conds
     control = comfy.controlnet.load_controlnet(str(tm.write_tiny_controlnet(tiny_base / "models")))
@@ -300,7 +300,7 @@ def test_dual_cfg_guider_and_mask(env, conds):
 def test_sdxl_context_and_pooled_vector_every_call(env, tiny_base):
     """SDXL layout: a width-2048 connector with a pooled head; at every call the context is exact and the
     pooled slot of `y` (its first 1280 values) is pooled_proj(mean of that step's context)."""
-    from tests.support import tiny_models as tm
+    from devtools import tiny_models as tm
     from tests.nodes.inprocess import tiny_sdxl_model
 
     tm.write_tiny_ella(tiny_base / "models", "tiny_ella_sdxl.safetensors", width=2048, pooled_dim=1280,

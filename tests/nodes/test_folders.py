@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.nodes.inprocess import load_pack
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from itertools import permutations
 import pytest
 
 from tests.nodes.inprocess import load_pack
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 
 
 @pytest.fixture()

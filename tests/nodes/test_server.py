@@ -13,7 +13,7 @@ from ella_core import load_ella
 from ella_core.text_encoder import load_text_encoder
 from tests.nodes.conftest import NARROW_LLM_ELLA, WIDE_ELLA
 from tests.nodes.graphs import assert_contexts_exact, connector_reference, ella_prompt, read_calls
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 from tests.support.comfy_server import PromptFailed
 
 NODE_IDS = ("EllaTSCConnectorLoader", "EllaTSCTextEncoderLoader", "EllaTSCEncode", "EllaTSCTimestepConditioning")

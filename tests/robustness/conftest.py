@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 from tests.support.comfy_server import ComfyServer
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"

@@ -83,7 +83,7 @@ def _tokenizers(t5_dir, smollm2_gguf):
 def tokenizers():
     import os
 
-    from tests.support.tiny_models import t5_tokenizer_dir
+    from devtools.tiny_models import t5_tokenizer_dir
 
     gguf = os.environ.get("ELLA_SMOLLM2_GGUF")
     if not gguf or not os.path.isfile(gguf):
@@ -121,7 +121,7 @@ def test_encoder_on_long_prompts(tiny_t5_encoder):
 @pytest.fixture(scope="module")
 def tiny_t5_encoder(tmp_path_factory):
     from ella_core.text_encoder import load_text_encoder
-    from tests.support import tiny_models as tm
+    from devtools import tiny_models as tm
 
     folder = tm.write_tiny_t5(tmp_path_factory.mktemp("t5") / "models")
     return load_text_encoder(str(folder), dtype="fp32", device="cpu")

@@ -20,7 +20,7 @@ import pytest
 from tests.nodes.graphs import ella_prompt
 from tests.robustness.conftest import BAD_CONNECTORS, CUT_GGUF, SMOLLM2
 from tests.robustness.inputs import FAMILIES, family, random_prompts
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 from tests.support.comfy_server import PromptFailed
 
 MODELS = (tm.T5_NAME, SMOLLM2)

@@ -13,7 +13,7 @@ import pytest
 
 from ella_core.tokenization import TokenizerCache, load_tokenizer
 from tests.robustness.inputs import random_prompts
-from tests.support.tiny_models import t5_tokenizer_dir
+from devtools.tiny_models import t5_tokenizer_dir
 
 LENGTHS = [1, 2, 3, 5, 8, 16, 33, 77, 128, 300]
 
@@ -107,7 +107,7 @@ def test_parallel_encodes_equal_sequential(tmp_path):
     import torch
 
     from ella_core.text_encoder import load_text_encoder
-    from tests.support import tiny_models as tm
+    from devtools import tiny_models as tm
 
     encoder = load_text_encoder(str(tm.write_tiny_t5(tmp_path / "models")), dtype="fp32", device="cpu")
     rng = random.Random(1)

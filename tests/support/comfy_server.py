@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .tiny_models import comfyui_path
+from devtools.tiny_models import comfyui_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

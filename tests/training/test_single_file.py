@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.tiny_models import import_comfy
+from devtools.tiny_models import import_comfy
 from tests.training.train_helpers import read_metrics, run_trainer
 
 

@@ -339,7 +339,7 @@ def test_output_loads_in_the_comfyui_node(tiny_sd15, tiny_t5, datasets, tmp_path
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from tests.support import tiny_models as tm
+from devtools import tiny_models as tm
 tm.import_comfy()
 import folder_paths
 folder_paths.add_model_folder_path("ella", {str(models)!r}, is_default=True)

@@ -124,7 +124,7 @@ def build_diffusers_base(folder: Path, sdxl: bool = False, prediction_type: str 
 
 def build_tiny_t5(models_dir: Path) -> Path:
     """Random tiny T5 encoder (d_model 32) with ComfyUI's real T5 tokenizer, from the shared test support."""
-    from tests.support import tiny_models
+    from devtools import tiny_models
 
     return tiny_models.write_tiny_t5(models_dir, "tiny-t5-d32", d_model=32)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tests.support.tiny_models import write_all, write_tiny_controlnet  # noqa: E402
+from devtools.tiny_models import write_all, write_tiny_controlnet  # noqa: E402
 from tests.workflows.extra_models import write_tiny_lora  # noqa: E402
 from workflow_to_prompt import set_model_files  # noqa: E402
 

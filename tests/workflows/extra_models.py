@@ -1,6 +1,6 @@
-"""A tiny LoRA for the example workflows (the tiny ControlNet is tests/support/tiny_models.py's).
+"""A tiny LoRA for the example workflows (the tiny ControlNet is devtools/tiny_models.py's).
 
-It matches the tiny SD1.5 UNet of tests/support/tiny_models.py, so ComfyUI's LoraLoader applies it like a real
+It matches the tiny SD1.5 UNet of devtools/tiny_models.py, so ComfyUI's LoraLoader applies it like a real
 file (kohya `lora_unet_*` keys).
 """
 from __future__ import annotations

@@ -97,6 +97,6 @@ def test_comfy_node_pack_carries_what_users_need(clone):
     examples = {n for n in names if n.startswith("example_workflows/")}
     assert {Path(n).stem for n in examples if n.endswith(".json")} == \
         {Path(n).stem for n in examples if n.endswith(".jpg")}, "every example needs its thumbnail"
-    unwanted = [n for n in names if n.split("/")[0] in ("tests", "bench", "scripts", ".ci") or "__pycache__" in n
+    unwanted = [n for n in names if n.split("/")[0] in ("tests", "devtools", "bench", "scripts", ".ci") or "__pycache__" in n
                 or n.endswith(".pyc") or n == "requirements-dev.txt"]
     assert not unwanted, unwanted

@@ -10,7 +10,7 @@ import pytest
 
 from PIL import Image
 
-from tests.support.tiny_models import write_tiny_ella, write_tiny_sd15_checkpoint, write_tiny_t5
+from devtools.tiny_models import write_tiny_ella, write_tiny_sd15_checkpoint, write_tiny_t5
 from tests.workflows.examples import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,8 @@ Files are generated deterministically once per machine into a cache folder (`ELL
 sessions do not pay the generation cost. Functions take `models_dir` (the `models` folder of a ComfyUI
 base directory) and return the path they wrote.
 
-The UNet/VAE builders import ComfyUI (from `$COMFYUI_PATH`) on CPU to get exact key layouts.
+The UNet/VAE builders import ComfyUI (from `$COMFYUI_PATH`, devtools.comfy_env) on CPU to get exact key
+layouts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from devtools.comfy_env import comfyui_path, import_comfy  # noqa: F401 (re-exported)
+
 # Default file names used by the shared tests and the example workflows.
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 VAE_NAME = "tiny_taesd.safetensors"
@@ -39,24 +42,6 @@ T5_NAME = "tiny-t5"
 ELLA_NAME = "tiny_ella_sd15.safetensors"
 T5_HIDDEN = 64  # tiny T5 d_model == the tiny connector's input_dim
 _VERSION = "1"  # bump when a generator below changes, so stale cached files are not reused
-
-
-def comfyui_path() -> Path:
-    """The ComfyUI tree the tests use (`$COMFYUI_PATH`, as printed by scripts/setup_env.sh)."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not (Path(path) / "main.py").is_file():
-        raise RuntimeError("COMFYUI_PATH is not set to a ComfyUI tree; run: eval \"$(bash scripts/setup_env.sh)\"")
-    return Path(path)
-
-
-def import_comfy() -> None:
-    """Make `comfy` importable in this process, forced to CPU (must run before comfy.model_management)."""
-    root = str(comfyui_path())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
 
 
 def _cache_dir() -> Path:
@@ -94,7 +79,7 @@ def _place(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _random_like(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+def random_like(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     """Plausible random init by parameter role: norms 1, biases 0, weights ~ N(0, 1/fan_in)."""
     if len(shape) == 0:
         return torch.ones(()) if name.endswith("vae_scale") else torch.zeros(())
@@ -127,7 +112,7 @@ def tiny_unet_state_dict(seed: int = 0, config: Optional[dict] = None) -> dict[s
 
     unet = UNetModel(**(config or tiny_unet_config()), device="meta", operations=comfy.ops.disable_weight_init)
     gen = torch.Generator().manual_seed(seed)
-    return {k: _random_like(k, v.shape, gen) for k, v in unet.state_dict().items()}
+    return {k: random_like(k, v.shape, gen) for k, v in unet.state_dict().items()}
 
 
 def tiny_taesd_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -138,7 +123,7 @@ def tiny_taesd_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         taesd = TAESD()
     gen = torch.Generator().manual_seed(seed)
-    return {k: _random_like(k, v.shape, gen) for k, v in taesd.state_dict().items()}
+    return {k: random_like(k, v.shape, gen) for k, v in taesd.state_dict().items()}
 
 
 def clip_l_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
@@ -154,7 +139,7 @@ def clip_l_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
     for k, v in model.state_dict().items():
         if k.endswith("position_ids"):
             continue
-        out[k] = _random_like(k, v.shape, gen).to(torch.float16)
+        out[k] = random_like(k, v.shape, gen).to(torch.float16)
     return out
 
 
@@ -195,7 +180,7 @@ def tiny_controlnet_state_dict(seed: int = 5) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in net.state_dict().items():
         # zero convs are zero in a fresh ControlNet; random here so the residuals really reach the UNet
-        out[k] = _random_like(k, v.shape, gen)
+        out[k] = random_like(k, v.shape, gen)
     return out
 
 
@@ -272,7 +257,7 @@ def write_all(models_dir: Path, *, with_clip: bool = True) -> TinyModels:
     return TinyModels(models_dir)
 
 
-if __name__ == "__main__":  # python tests/support/tiny_models.py <base_dir>: fill <base_dir>/models
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if __name__ == "__main__":  # python devtools/tiny_models.py <base_dir>: fill <base_dir>/models
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-comfy-base") / "models"
     print(json.dumps({k: str(v) for k, v in write_all(target).__dict__.items()}, indent=1))
