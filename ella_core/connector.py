@@ -102,15 +102,18 @@ class PackedAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """query (B, N, W), kv (B, N + L, W) -> (B, N, W)."""
+    def forward(self, query: torch.Tensor, kv: torch.Tensor, text_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, N, W), kv (B, N + L, W) -> (B, N, W). text_bias (B, L): see ELLA.forward."""
         B, N, W = query.shape
         w_q, w_kv = self.in_proj_weight.split([W, 2 * W])
         b_q, b_kv = self.in_proj_bias.split([W, 2 * W])
         q = F.linear(query, w_q, b_q)
         k, v = F.linear(kv, w_kv, b_kv).chunk(2, dim=-1)
         q, k, v = (x.unflatten(-1, (self.heads, W // self.heads)).transpose(1, 2) for x in (q, k, v))  # (B, h, *, W/h)
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        if text_bias is not None:  # the latent keys get 0; one bias row for every head and query
+            mask = torch.cat([text_bias.new_zeros(B, N), text_bias], dim=1)[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, W))
 
 
@@ -135,14 +138,14 @@ class PerceiverBlock(nn.Module):
         self.mlp = SquaredReLUMLP(W, config.MLP_RATIO * W)
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, text_normed: torch.Tensor, temb: torch.Tensor | None,
-                modulations: tuple | None = None) -> torch.Tensor:
+                modulations: tuple | None = None, text_bias: torch.Tensor | None = None) -> torch.Tensor:
         """latents (B, N, W), text and LayerNorm(text) (B, L, W), temb (B, 1, T) -> latents (B, N, W).
 
         modulations: optional ((shift, scale) of ln_1, ln_2, ln_ff), each (B, 1, W), instead of temb."""
         m1, m2, mff = modulations if modulations is not None else (None, None, None)
         n = self.ln_1(latents, temb, modulation=m1)
         kv = torch.cat([n, self.ln_2(text, temb, normed=text_normed, modulation=m2)], dim=1)  # (B, N + L, W)
-        latents = latents + self.attn(n, kv)
+        latents = latents + self.attn(n, kv, text_bias)
         return latents + self.mlp(self.ln_ff(latents, temb, modulation=mff))
 
     def modulations(self, temb: torch.Tensor) -> tuple:
@@ -161,12 +164,12 @@ class PerceiverResampler(nn.Module):
         self.proj_in = nn.Linear(config.input_dim, W)
         self.perceiver_blocks = nn.ModuleList(PerceiverBlock(config) for _ in range(config.layers))
 
-    def forward(self, text: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """text: projected features (B, L, W); temb (B, 1, T) -> (B, N, W)."""
+    def forward(self, text: torch.Tensor, temb: torch.Tensor, text_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """text: projected features (B, L, W); temb (B, 1, T); text_bias (B, L) or None -> (B, N, W)."""
         latents = self.latents.unsqueeze(0) + self.time_aware_linear(F.silu(temb))  # (B, N, W)
         text_normed = F.layer_norm(text, text.shape[-1:], eps=ELLAConfig.NORM_EPS)  # shared by every block's ln_2
         for block in self.perceiver_blocks:
-            latents = block(latents, text, text_normed, temb)
+            latents = block(latents, text, text_normed, temb, text_bias=text_bias)
         return latents
 
 
@@ -209,15 +212,30 @@ class ELLA(nn.Module):
         sinusoid = timestep_sinusoid(t, self.config.time_channel).to(self.dtype)
         return self.time_embedding(sinusoid).unsqueeze(1)
 
-    def forward_projected(self, projected: torch.Tensor, timesteps: Timesteps) -> torch.Tensor:
+    def _check_bias(self, text_bias: torch.Tensor | None, projected: torch.Tensor) -> torch.Tensor | None:
+        if text_bias is None:
+            return None
+        if tuple(text_bias.shape) != tuple(projected.shape[:2]):
+            raise ValueError(f"ELLA: text_bias must have shape (batch, tokens) = {tuple(projected.shape[:2])}, "
+                             f"got {tuple(text_bias.shape)}")
+        return text_bias.to(device=self.device, dtype=self.dtype)
+
+    def forward_projected(self, projected: torch.Tensor, timesteps: Timesteps,
+                          text_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Projected prompt (B, L, width) at timesteps (number, [1] or [B]) -> context (B, num_latents, width)."""
         self._check_features(projected, self.config.width, "projected text")
         projected = projected.to(device=self.device, dtype=self.dtype)
-        return self.connector(projected, self.time_embed(timesteps, projected.shape[0]))
+        text_bias = self._check_bias(text_bias, projected)
+        return self.connector(projected, self.time_embed(timesteps, projected.shape[0]), text_bias)
 
-    def forward(self, text_features: torch.Tensor, timesteps: Timesteps) -> torch.Tensor:
-        """LLM features (B, L, input_dim) at timesteps (number, [1] or [B]) -> context (B, num_latents, width)."""
-        return self.forward_projected(self.project_text(text_features), timesteps)
+    def forward(self, text_features: torch.Tensor, timesteps: Timesteps,
+                text_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """LLM features (B, L, input_dim) at timesteps (number, [1] or [B]) -> context (B, num_latents, width).
+
+        text_bias (B, L), optional: added to every block's and head's attention logits of the text tokens
+        (not the latents' own keys): -inf leaves a token out (padding in a batch of unequal prompts), log(w)
+        multiplies its unnormalised attention by w (prompt weights). None is the reference computation."""
+        return self.forward_projected(self.project_text(text_features), timesteps, text_bias)
 
     def time_state(self, timestep: float) -> tuple:
         """Everything that depends only on t, for one t, in the shapes of a batch of one (as forward_projected
@@ -227,7 +245,8 @@ class ELLA(nn.Module):
         latents = self.connector.latents.unsqueeze(0) + self.connector.time_aware_linear(F.silu(temb))
         return latents, [block.modulations(temb) for block in self.connector.perceiver_blocks]
 
-    def forward_many(self, projected: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward_many(self, projected: torch.Tensor, timesteps: torch.Tensor,
+                     text_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Projected prompts (R, L, width) at one timestep per row (R,) -> contexts (R, num_latents, width).
 
         Rows are any mix of prompts (of one token length L) and timesteps; row i is forward_projected of
@@ -239,8 +258,11 @@ class ELLA(nn.Module):
         if t.numel() != projected.shape[0]:
             raise ValueError(f"ELLA: forward_many got {t.numel()} timesteps for {projected.shape[0]} rows")
         projected = projected.to(device=self.device, dtype=self.dtype)
+        text_bias = self._check_bias(text_bias, projected)
         if self.config.num_latents < STACK_MIN_ROWS and projected.shape[0] > 1:
-            return torch.cat([self.forward_many(projected[i:i + 1], t[i:i + 1]) for i in range(len(t))])
+            return torch.cat([self.forward_many(projected[i:i + 1], t[i:i + 1],
+                                                None if text_bias is None else text_bias[i:i + 1])
+                              for i in range(len(t))])
         values = t.tolist()
         distinct = list(dict.fromkeys(values))
         states = {v: self.time_state(v) for v in distinct}
@@ -255,7 +277,7 @@ class ELLA(nn.Module):
         resampler = self.connector
         text_normed = F.layer_norm(projected, projected.shape[-1:], eps=ELLAConfig.NORM_EPS)
         for block, block_mods in zip(resampler.perceiver_blocks, mods):
-            latents = block(latents, projected, text_normed, None, modulations=block_mods)
+            latents = block(latents, projected, text_normed, None, modulations=block_mods, text_bias=text_bias)
         return latents
 
     def pooled(self, context: torch.Tensor) -> torch.Tensor:
