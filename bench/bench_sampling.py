@@ -8,7 +8,8 @@ static graph's conditioning is a (1, 64, 768) tensor, the shape of ELLA's contex
 printed: min and median seconds per step (wall clock, and CPU time of this process, which is steadier on a
 shared machine), the ratios ELLA / static, the in-run ratio (an ELLA run's CPU time over the same run without
 the connector's own CPU time, immune to load changes between runs), and the connector's work per run
-(contexts computed, forward passes, of which precomputed from the schedule). Small latents (8x8) make the connector's share as large as it
+(contexts computed, forward passes, of which precomputed from the schedule), and the arithmetic floor: the
+connector's FLOPs per context over the UNet's per row, which no exact method can go below. Small latents (8x8) make the connector's share as large as it
 gets; at 64x64 (512 px) the UNet dominates.
 
     python bench/bench_sampling.py [--latent 8 64] [--batch 1 4] [--sampler euler heun] [--steps 4]
@@ -69,6 +70,29 @@ def connector_step_seconds(connector, prompts, repeats: int) -> float:
     return statistics.median(times)
 
 
+def flop_floor(unet, connector, prompt, latent: int) -> tuple[float, float]:
+    """Arithmetic bound of exact per-step conditioning: FLOPs of one context (one prompt at one t,
+    projection excluded: it runs once per prompt and run) over FLOPs of one UNet row (one latent, one call).
+    Every UNet row needs its own prompt's context at its own t, so no exact method does less than this
+    (contexts are shared only between the rows of one batch). Returns (context GFLOP, UNet GFLOP per row)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ella = connector()
+    cond = h.pack_module("ella_core.conditioning")
+    projected = cond.ContextCache(connector=connector)._projected(prompt, ella)
+    diffusion = unet.model.diffusion_model
+    x = torch.zeros(1, 4, latent, latent, dtype=diffusion.dtype)
+    context = torch.zeros(1, ella.config.num_latents, ella.config.width, dtype=diffusion.dtype)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counted:
+            ella.forward_projected(projected, torch.tensor([500.0]))
+        ctx = counted.get_total_flops()
+        with FlopCounterMode(display=False) as counted:
+            diffusion(x, torch.tensor([500.0]), context)
+        row = counted.get_total_flops()
+    return ctx / 1e9, row / 1e9
+
+
 def run_config(unet, ella_model, hook, conds, latent: int, batch: int, sampler: str, args) -> dict:
     (ella_pos, ella_neg), (plain_pos, plain_neg) = conds
     go = lambda m, p, n: time_run(m, p, n, latent, batch, args.steps, sampler)  # noqa: E731
@@ -121,6 +145,7 @@ def main() -> None:
           "| CPU ratio min  med | in-run min med | contexts forwards precomputed per run", flush=True)
     print("(ratio: wall clock; CPU ratio: this process's CPU time; in-run: ELLA run CPU / (same run minus the "
           "connector's CPU time), which no load drift between runs can skew)", flush=True)
+    floors = {}
     for latent, batch, sampler in itertools.product(args.latent, args.batch, args.sampler):
         r = run_config(unet, ella_model, hook, conds, latent, batch, sampler, args)
         (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
@@ -129,6 +154,14 @@ def main() -> None:
         print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}| {pw:9.4f} {pwm:9.4f} | {ew:9.4f} {ewm:9.4f} | "
               f"{ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:9.3f} {ecm / pcm:.3f} | {min(r['implied']):8.3f} "
               f"{statistics.median(r['implied']):.3f} | {s.connector_calls:8d} {s.forwards:8d} {s.precomputed:11d}",
+              flush=True)
+        if latent not in floors:
+            floors[latent] = flop_floor(unet, running, prompts[0], latent)
+    for latent, (ctx, row) in floors.items():
+        print(f"FLOPs at {latent}x{latent}: one context {ctx:.2f} GFLOP, one UNet row {row:.2f} GFLOP: exact "
+              f"conditioning adds at least {ctx / row:.3f} FLOP per UNet FLOP at batch 1, {ctx / (4 * row):.3f} at "
+              "batch 4 (each call's cond and uncond need their own context at its t; a batch's rows share them); "
+              "time ratios below 1 + that mean the connector's batched products run faster per FLOP than the UNet",
               flush=True)
     c = connector_step_seconds(running, prompts, 3 * args.repeats)
     print(f"connector alone, one step's 2 contexts in one forward: {c:.4f} s", flush=True)
