@@ -7,10 +7,10 @@ static graph's conditioning is a (1, 64, 768) tensor, the shape of ELLA's contex
 (latent side x batch x sampler) the two graphs run alternately `--repeats` times after one warm-up each;
 printed: min and median seconds per step (wall clock, and CPU time of this process, which is steadier on a
 shared machine), the ratios ELLA / static, the in-run ratio (an ELLA run's CPU time over the same run without
-the connector's own CPU time, immune to load changes between runs), and the connector's work per run
-(contexts computed, forward passes, of which precomputed from the schedule), and the arithmetic floor: the
-connector's FLOPs per context over the UNet's per row, which no exact method can go below. Small latents (8x8) make the connector's share as large as it
-gets; at 64x64 (512 px) the UNet dominates.
+the connector's own CPU time, immune to load changes between runs), the connector's work per run (contexts
+computed, forward passes, of which precomputed from the schedule), and the arithmetic floor: the connector's
+FLOPs per context over the UNet's per row, which no exact method can go below. Small latents (8x8) make the
+connector's share as large as it gets; at 64x64 (512 px) the UNet dominates.
 
     python bench/bench_sampling.py [--latent 8 64] [--batch 1 4] [--sampler euler heun] [--steps 4]
                                    [--repeats 3] [--threads 1] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
