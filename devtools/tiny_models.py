@@ -41,7 +41,7 @@ VAE_NAME = "tiny_taesd.safetensors"
 T5_NAME = "tiny-t5"
 ELLA_NAME = "tiny_ella_sd15.safetensors"
 T5_HIDDEN = 64  # tiny T5 d_model == the tiny connector's input_dim
-_VERSION = "1"  # bump when a generator below changes, so stale cached files are not reused
+_VERSION = "2"  # bump when a generator below changes, so stale cached files are not reused
 
 
 def _cache_dir() -> Path:
@@ -86,8 +86,8 @@ def random_like(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Ten
     if name.endswith("bias"):
         return torch.zeros(shape)
     lname = name.lower()
-    if len(shape) == 1:
-        return torch.ones(shape) if ("norm" in lname or "ln" in lname) else torch.zeros(shape)
+    if len(shape) == 1:  # every 1-D weight of these models is a norm's scale (GroupNorm `in_layers.0`, `out.0`...)
+        return torch.ones(shape) if (name.endswith("weight") or "norm" in lname or "ln" in lname) else torch.zeros(shape)
     fan_in = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else shape[0]
     if "embedding" in lname and len(shape) == 2:
         return torch.randn(shape, generator=gen) * 0.02
