@@ -35,13 +35,12 @@ def parity_unet_state_dict(seed: int = 11) -> dict[str, torch.Tensor]:
 
 
 def write_parity_unet(models_dir: Path, name: str = PARITY_UNET) -> Path:
-    """models/diffusion_models/<name> (UNETLoader), without the checkpoint's key prefix."""
+    """models/diffusion_models/<name> (UNETLoader), without the checkpoint's key prefix; generated once per
+    machine into devtools' test-model cache (deterministic), then linked into place."""
     from safetensors.torch import save_file
 
-    path = Path(models_dir) / "diffusion_models" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(parity_unet_state_dict(), str(path))
-    return path
+    src = tm._cached("parity-unet-sd15-v1-s11.safetensors", lambda tmp: save_file(parity_unet_state_dict(), str(tmp)))
+    return tm._place(src, Path(models_dir) / "diffusion_models" / name)
 
 
 def diffusers_config(unet_config: dict) -> dict:

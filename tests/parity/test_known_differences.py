@@ -45,3 +45,4 @@ def test_sd15_shipped_ddim_vs_comfy_ddim_uniform(worlds):
           + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert errors["context"] <= REL_TOL  # the connector still gets the same timesteps and prompts
     assert errors["latent"] > 10 * REL_TOL
+

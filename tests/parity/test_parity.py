@@ -15,9 +15,30 @@ same comparison with one piece of our side broken on purpose must fail by a wide
 from __future__ import annotations
 
 import pytest
+import torch
 
+from devtools import tiny_models as tm
+from tests.parity.diffusers_unet import PARITY_UNET
 from tests.parity.harness import (CASES, MUTATIONS, PROMPT, REL_TOL, assert_same_schedule, parity_errors, post_mutation,
                                   reference_run, rel, run_ours)
+
+
+def test_the_two_unets_agree_on_one_call(worlds):
+    """Before anything else: ComfyUI's UNet (UNETLoader's loader) and the converted diffusers UNet, one call."""
+    tm.import_comfy()
+    import comfy.sd
+
+    ours = comfy.sd.load_diffusion_model(str(worlds.base / "models" / "diffusion_models" / PARITY_UNET))
+    assert type(ours.model.model_config).__name__ == "SD15"
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 16, 768, generator=gen)
+    t = torch.tensor([999.0, 249.0])
+    with torch.no_grad():
+        mine = ours.model.diffusion_model(x, t, context=context)
+        theirs = worlds.reference["unet"](x, t, encoder_hidden_states=context).sample
+        other = ours.model.diffusion_model(x, t, context=context * 1.1)
+    assert rel(mine, theirs) <= REL_TOL
+    assert rel(other, mine) > 100 * REL_TOL  # the output really depends on the context
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
