@@ -204,9 +204,10 @@ def run_reference(*, unet: nn.Module, connector: RefConnector, t5: RefT5Embedder
     h, w = noise.shape[-2:]
     start = first_unet_input_scale(scheduler, steps)
     with torch.no_grad():
+        latents = noise / start if comfy_start else noise.clone()
         out = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, latents=noise / start if comfy_start else noise.clone(), height=8 * h, width=8 * w,
-                   output_type="latent", return_dict=True)
+                   guidance_scale=guidance_scale, latents=latents, height=8 * h, width=8 * w, output_type="latent",
+                   return_dict=True)
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is None:  # DDIM keeps alphas: sigma = sqrt((1 - a) / a) at each timestep, then the final alpha
         a = scheduler.alphas_cumprod

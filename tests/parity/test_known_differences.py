@@ -31,7 +31,8 @@ def test_sd15_shipped_ddim_vs_comfy_ddim_uniform(worlds):
     4 steps) but (a) ComfyUI starts from noise * sigma(751) (not the top of the schedule, so no
     sqrt(sigma^2 + 1)) where DDIM starts from the unit noise itself, and (b) DDIM's last step lands on
     alphas_cumprod[0] (sigma 0.029) where ComfyUI lands on sigma 0."""
-    case = Case("ddim_uniform_vs_shipped", "ddim", "ddim_uniform", ddim_sd15_shipped, steps=4, cfg=4.0, token_mode="fixed")
+    case = Case("ddim_uniform_vs_shipped", "ddim", "ddim_uniform", ddim_sd15_shipped, steps=4, cfg=4.0,
+                token_mode="fixed")
     ours = run_ours(worlds, case, PROMPT, case.name)
     ref = reference_run(worlds, case, PROMPT)
     assert ref.timesteps.tolist() == [751, 501, 251, 1]
