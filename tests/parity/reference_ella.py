@@ -185,7 +185,8 @@ def run_reference(*, unet: nn.Module, connector: RefConnector, t5: RefT5Embedder
 
     noise: the unit-variance initial noise (B, 4, h, w); latents come out unscaled (output_type latent).
     comfy_start: give the pipeline `noise / first_unet_input_scale`, so its first UNet input is the noise
-    itself, as in ComfyUI; False passes `noise` as the diffusers docs do (Euler then starts 0.23 % lower).
+    itself, as in ComfyUI when the schedule starts at sigma_max; False passes `noise` as the diffusers docs
+    do (Euler with trailing spacing then starts 0.23 % lower).
     """
     from diffusers import StableDiffusionPipeline
 
