@@ -22,9 +22,8 @@ PARITY_UNET = "parity_unet_sd15.safetensors"
 def parity_unet_state_dict(seed: int = 11) -> dict[str, torch.Tensor]:
     """Random weights of the one-level SD1.5 UNet (ComfyUI names) whose output really depends on its inputs.
 
-    `devtools.tiny_models.random_like` zeroes 1-D weights whose names lack "norm": the GroupNorms `out.0`,
-    `in_layers.0`, `out_layers.0`, so that UNet predicts exactly 0 whatever x, t and context are. Every 1-D
-    weight of this UNet is a norm's scale: set here to ones plus a little noise.
+    Every 1-D weight of this UNet is a norm's scale; `devtools.tiny_models` sets them to one, here they get a
+    little noise on top, so a norm applied with the wrong scale or to the wrong axis would show.
     """
     gen = torch.Generator().manual_seed(seed)
     state = tm.tiny_unet_state_dict(seed)
