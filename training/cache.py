@@ -260,8 +260,8 @@ def _check_shared(folder: Path, dist: Dist) -> None:
 
 def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], Any], dist: Dist, stop: Stop) -> None:
     """Each rank encodes every world-th source entry into its own shards and index files; rank 0 writes the
-    manifest (O(ranks)), encodes the prompts and marks the cache complete. Raises StopRequested (after writing what is finished) on a
-    signal, PeerFailed on every rank when one fails."""
+    manifest (O(ranks)), encodes the prompts and marks the cache complete. Raises StopRequested (after
+    writing what is finished) on a signal, PeerFailed on every rank when one fails."""
     where = f"cache build in {folder}"
     stop.phase = "the cache build"
     with dist.failing_together(where):
@@ -427,8 +427,9 @@ class FeatureCache:
         self.folder = folder
         manifest = json.loads((folder / "index.json").read_text())
         if manifest.get("version") != CACHE_VERSION or manifest.get("record_bytes") != RECORD.itemsize:
-            raise TrainingError(f"the feature cache {folder} was written in format {manifest.get('version')}, this "
-                                f"trainer reads format {CACHE_VERSION}: delete {folder / 'COMPLETE'} to rebuild it")
+            found = manifest.get("version", "2 or older")
+            raise TrainingError(f"the feature cache {folder} was written in format {found}, this trainer reads "
+                                f"format {CACHE_VERSION}: delete {folder / 'COMPLETE'} to rebuild it")
         self.hidden_size: int = manifest["hidden_size"]
         self.skipped: dict[str, Any] = manifest["skipped"]
         self.index = CacheIndex(folder, manifest["counts"])
