@@ -163,8 +163,11 @@ def test_flexible_mode_trains_cached_and_online_with_the_same_losses(tiny_sd15, 
 
     common = [f"model.pretrained={tiny_sd15}", f"llm.source={tiny_t5}", f"data.path={data}", "llm.token_mode=flexible",
               "llm.dtype=float16", "train.max_steps=3", "data.caption_dropout=0.3", "train.checkpoint_every=100"]
-    run_trainer(*common, f"output_dir={tmp_path / 'cached'}")
+    validation = ["validation.every=3", "validation.steps=2", "validation.prompts=[red, a small plain picture of a "
+                  "blue thing on a white table]"]  # prompts of unequal lengths, sampled from the cache's features
+    run_trainer(*common, *validation, f"output_dir={tmp_path / 'cached'}")
     run_trainer(*common, f"output_dir={tmp_path / 'online'}", "cache.enabled=false")
+    assert len(list((tmp_path / "cached" / "samples" / "step-00000003").glob("*.png"))) == 2
     cached, online = read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "online")
     assert [m["step"] for m in cached] == [1, 2, 3]
     # same features bit for bit (flexible encodes prompts alone); the VAE batches differ in the last bits

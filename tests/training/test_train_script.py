@@ -153,7 +153,7 @@ def test_malformed_sources_are_counted_in_a_run(tiny_sd15, tiny_t5, tmp_path, ki
     proc = run_trainer(*_common(tiny_sd15, tiny_t5, data, out), "train.max_steps=1")
     assert f"skipped 1 unusable samples: {{'{reason}': 1}}" in proc.stderr
     index = json.loads(next((out / "cache").glob("*/index.json")).read_text())
-    assert len(index["entries"]) == kept and index["skipped"]["counts"] == {reason: 1}
+    assert index["samples"] == kept and index["skipped"]["counts"] == {reason: 1}
     assert read_metrics(out)[-1]["skipped"] == 1 and (out / "ella.safetensors").is_file()
 
 
