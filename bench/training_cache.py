@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -62,8 +61,6 @@ def _shard_bytes(folder: Path, feature_dtype, latent_dtype, lengths: list[int]) 
 
 
 def _synthetic_rows(folder: Path, rows: int, world: int = 2) -> list[int]:
-    import numpy as np
-
     from training.cache_index import RankIndexWriter, record_rows
 
     writers = [RankIndexWriter(folder, r) for r in range(world)]
@@ -76,7 +73,6 @@ def _synthetic_rows(folder: Path, rows: int, world: int = 2) -> list[int]:
                        for k, i in enumerate(mine)]
             writer.append(record_rows(entries, start // 256), [{"key": e["key"], "captions": e["captions"]}
                                                               for e in entries])
-    del np
     return [w.rows for w in writers]
 
 
@@ -138,13 +134,13 @@ def report(rows: int = 200_000) -> list[str]:
     scale = 1e6 / rows
     lines.append(f"cache index, {rows:,} synthetic samples (2 captions, ~{len(CAPTION)}-char captions), per million "
                  f"samples and for {PAIRS / 1e6:.0f} M:")
-    lines.append(f"  v2 index.json: file {old_disk * scale / 1e6:8.1f} MB/M ({old_disk * PAIRS / rows / 1e9:6.1f} GB); "
-                 f"RSS after loading {old['open'] * scale / 1e6:8.1f} MB/M ({old['open'] * PAIRS / rows / 1e9:6.1f} GB) "
+    lines.append(f"  v2 index.json: file {old_disk * scale / 1e6:8.1f} MB/M "
+                 f"({old_disk * PAIRS / rows / 1e9:6.1f} GB); RSS after loading {old['open'] * scale / 1e6:8.1f} MB/M ({old['open'] * PAIRS / rows / 1e9:6.1f} GB) "
                  "in every process")
     lines.append(f"  v3 index files: file {disk * scale / 1e6:8.1f} MB/M ({disk * PAIRS / rows / 1e9:6.1f} GB); "
                  f"private RSS after opening {new['open'] * scale / 1e6:6.1f} MB/M "
-                 f"({new['open'] * PAIRS / rows / 1e9:5.2f} GB), {new['touched'] * scale / 1e6:6.1f} MB/M after reading "
-                 f"rows all over; plus {new['file'] * scale / 1e6:.1f} MB/M of mapped index pages (page cache, shared "
+                 f"({new['open'] * PAIRS / rows / 1e9:5.2f} GB), {new['touched'] * scale / 1e6:6.1f} MB/M after "
+                 f"reading rows all over; plus {new['file'] * scale / 1e6:.1f} MB/M of mapped index pages (page cache, shared "
                  "by a node's processes, reclaimable)")
     return lines
 

@@ -248,7 +248,8 @@ def test_epoch_batches_of_an_array_equal_those_of_pairs():
         array = np.array(pairs, dtype=np.int32)
         for global_batch in (1, 3, 8):
             for epoch in (0, 1):
-                assert epoch_batches(array, global_batch, case, epoch) == epoch_batches(pairs, global_batch, case, epoch)
+                expected = epoch_batches(pairs, global_batch, case, epoch)
+                assert epoch_batches(array, global_batch, case, epoch) == expected
 
 
 # ---------------------------------------------------------------- finishing, readers, versions
@@ -276,7 +277,8 @@ def test_readers_keep_a_bounded_number_of_shards_open(tiny_sd15, tiny_t5, data, 
     assert len(set(shards)) == 4  # 13 samples, 4 per shard
     opened: list[str] = []
     real = feature_cache.safe_open
-    monkeypatch.setattr(feature_cache, "safe_open", lambda path, **kw: opened.append(Path(path).name) or real(path, **kw))
+    monkeypatch.setattr(feature_cache, "safe_open",
+                        lambda path, **kw: opened.append(Path(path).name) or real(path, **kw))
     roomy = feature_cache.CachedDataset(cache, config.data, open_shards=8)
     for _ in range(3):
         for i in range(len(cache)):
