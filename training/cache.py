@@ -1,19 +1,25 @@
 """Feature cache: VAE latents and LLM features computed once, stored as safetensors shards.
 
 The cache folder is named by a hash of everything that changes its contents (base model, VAE and LLM
-dtypes, LLM and its hidden layer, token mode and length, resolution and buckets, the data source), so a
-later run with the same settings reuses it and a run with different settings never reads stale features.
-With a complete cache, the LLM is not loaded at all for training.
+dtypes, LLM and its hidden layer, token mode and length, resolution and buckets, the data source, the
+format version), so a later run with the same settings reuses it and a run with different settings never
+reads stale features. With a complete cache, the LLM is not loaded at all for training.
 
-Layout of <cache.dir>/<hash>/:
-  r<rank>-<n>.safetensors   "<slot>.latent" (C, h, w) scaled latents; "<slot>.text.<j>" (L, D) per caption;
-                            metadata "progress": the shard's entries, the last source position it covers and
-                            the rank's skip counts so far, so every shard is complete on its own
-  done-r<rank>.json         the rank went through the whole source (final skip counts)
-  index.json                entries in source order: shard, slot, bucket, sizes, captions; skipped samples
+Layout of <cache.dir>/<hash>/ (version 3):
+  layout.json               the number of processes of this build (a build by another number starts again)
+  r<rank>-<n>.safetensors   "<slot>.latent" (C, h, w) scaled latents; "<slot>.text.<j>" (L, D) per caption in
+                            the LLM's dtype (training.features: L = max_length in fixed mode, the caption's own
+                            tokens in flexible mode); metadata "progress": the shard's row count, its first row
+                            in the rank's index files, the last source position it covers and the rank's skip
+                            counts so far
+  index-r<rank>.bin,        the rank's rows (training.cache_index): shard, slot, bucket, sizes, source position;
+  entries-r<rank>.jsonl     keys and captions, one line per row. Appended before each shard is written
+  done-r<rank>.json         the rank went through the whole source (row count, final skip counts)
+  index.json                small manifest: settings, rows per rank, hidden size, skipped samples
   prompts.safetensors       the empty prompt ("empty") and validation prompts ("prompt.<sha1>")
   COMPLETE                  written last, after every tensor was checked finite; a folder without it is resumed
 
+Finishing a build is O(ranks) on rank 0 (no merge of the samples); readers memory-map the rows.
 Resumable: an interrupted build (SIGTERM, a crash, a killed job) keeps its finished shards; the next run
 goes through the source again but encodes only what comes after each rank's last shard.
 """
@@ -29,15 +35,19 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ella_core.checkpoint import atomic_save_file
 
+from . import features as llm_features
+from .cache_index import RECORD, CacheIndex, IndexBehind, RankIndexWriter, record_rows, records_name, row_entry
 from .config import Config
 from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure,
                    make_buckets, nearest_bucket, pick_text, stream_items)
@@ -47,7 +57,7 @@ from .models import Base, encode_texts, parse_dtype
 from .stopping import Stop
 
 log = logging.getLogger("training")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: features in the LLM dtype, flexible mode unpadded, per-rank memory-mapped index
 SYNC_EVERY = 64  # source entries between the processes' status exchanges (stop requests, failures)
 CHUNK = 16  # samples encoded together (at most cache.shard_size); shards hold whole chunks
 SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
@@ -120,80 +130,109 @@ def _read_progress(path: Path) -> dict[str, Any]:
         return json.loads((f.metadata() or {})["progress"])
 
 
+def shard_name(rank: int, n: int) -> str:
+    return f"r{rank}-{n:05d}.safetensors"
+
+
 class _ShardWriter:
-    """One rank's shards. Each holds whole encoded chunks and says which source positions it covers."""
+    """One rank's shards. Each holds whole encoded chunks and says which source positions it covers; its
+    rows go to the rank's index files first (write-ahead), so every written shard is indexed."""
 
     def __init__(self, folder: Path, rank: int, world: int, shard_size: int) -> None:
         self.folder, self.rank, self.world, self.shard_size = folder, rank, world, shard_size
         self.tensors: dict[str, torch.Tensor] = {}
         self.pending: list[dict[str, Any]] = []
-        self.entries: list[dict[str, Any]] = []  # of the written shards
+        self.index = RankIndexWriter(folder, rank)
+        self.samples = 0  # rows of the written shards
         self.shards = 0
         self.last_ordinal = -1  # every source position up to this one is in a written shard or counted
         self.skips = SkipCounter()  # of this rank, up to last_ordinal once flushed
 
     def shard_name(self, n: int) -> str:
-        return f"r{self.rank}-{n:05d}.safetensors"
+        return shard_name(self.rank, n)
+
+    def _drop(self, numbers: list[int], why: str) -> None:
+        if numbers:
+            log.warning("cache: dropping %s and later shards of rank %d (%s)", self.shard_name(numbers[0]),
+                        self.rank, why)
+        for n in numbers:
+            (self.folder / self.shard_name(n)).unlink(missing_ok=True)
 
     def resume(self) -> int:
-        """Picks up this rank's intact shards (a damaged one and those after it are removed); returns how many."""
+        """Picks up this rank's intact shards (a damaged one and those after it are removed, as are shards
+        whose rows the index files lack); returns how many."""
         numbers = sorted(int(m.group(2)) for p in self.folder.iterdir()
                          if (m := SHARD_NAME.match(p.name)) and int(m.group(1)) == self.rank)
+        intact: list[dict[str, Any]] = []
         for n in numbers:
             path = self.folder / self.shard_name(n)
             try:
-                if n != self.shards:
-                    raise ValueError(f"shard {self.shards} is missing")
+                if n != len(intact):
+                    raise ValueError(f"shard {len(intact)} is missing")
                 progress = _read_progress(path)
                 if progress["world"] != self.world or progress["rank"] != self.rank:
                     raise ValueError("written by another process layout")
+                expected = intact[-1]["first_row"] + intact[-1]["count"] if intact else 0
+                if progress["first_row"] != expected:
+                    raise ValueError(f"its rows start at {progress['first_row']}, not {expected}")
             except Exception as e:  # noqa: BLE001 (a damaged file: it and everything after it is encoded again)
-                log.warning("cache: dropping %s and later shards of rank %d (%s)", path.name, self.rank, e)
-                for later in (x for x in numbers if x >= n):
-                    (self.folder / self.shard_name(later)).unlink(missing_ok=True)
+                self._drop([x for x in numbers if x >= n], str(e))
                 break
-            self.entries.extend(progress["entries"])
+            intact.append(progress)
+        have = self.index.records.stat().st_size // RECORD.itemsize if self.index.records.is_file() else 0
+        covered = [p for p in intact if p["first_row"] + p["count"] <= have]
+        if len(covered) < len(intact):
+            self._drop(list(range(len(covered), len(intact))), f"{records_name(self.rank)} lacks their rows")
+        try:
+            self.index.keep(covered[-1]["first_row"] + covered[-1]["count"] if covered else 0)
+        except IndexBehind as e:
+            self._drop(list(range(len(covered))), str(e))
+            covered = []
+            self.index.keep(0)
+        for progress in covered:
             self.last_ordinal = progress["last_ordinal"]
             self.skips = SkipCounter()
             self.skips.merge(progress["skipped"])
-            self.shards += 1
+        self.shards, self.samples = len(covered), self.index.rows
         return self.shards
 
     def add(self, entry: dict[str, Any], latent: torch.Tensor, features: list[torch.Tensor]) -> None:
+        """features: one (L, D) tensor per caption, as training.features.for_storage gives them."""
         slot = len(self.pending)
         self.tensors[f"{slot}.latent"] = latent.cpu()
         for j, f in enumerate(features):
             self.tensors[f"{slot}.text.{j}"] = f.cpu()
-        self.pending.append({**entry, "shard": self.shard_name(self.shards), "slot": slot})
+        self.pending.append({**entry, "slot": slot})
 
     def flush(self, last_ordinal: int, skips: Optional[SkipCounter] = None) -> None:
         """Writes the pending samples as one shard covering source positions up to `last_ordinal`, with the
         skip counts up to there (`skips`, default: all counted so far)."""
         if not self.pending:
             return
-        progress = {"world": self.world, "rank": self.rank, "last_ordinal": last_ordinal, "entries": self.pending,
-                    "skipped": (skips or self.skips).to_dict()}
+        self.index.append(record_rows(self.pending, self.shards),
+                          [{"key": e["key"], "captions": e["captions"]} for e in self.pending])
+        progress = {"world": self.world, "rank": self.rank, "last_ordinal": last_ordinal,
+                    "count": len(self.pending), "first_row": self.samples, "skipped": (skips or self.skips).to_dict()}
         atomic_save_file(self.tensors, self.folder / self.shard_name(self.shards), {"progress": json.dumps(progress)})
-        self.entries.extend(self.pending)
+        self.samples += len(self.pending)
         self.tensors, self.pending, self.shards, self.last_ordinal = {}, [], self.shards + 1, last_ordinal
 
 
 # ---------------------------------------------------------------- building
 def _prepare_folder(folder: Path, world: int) -> None:
-    """Rank 0: the folder exists; a partial build by another number of processes is started again."""
+    """Rank 0: the folder exists; a partial build by another number of processes is started again. O(1):
+    layout.json says who built it (each rank checks its own shards when it resumes)."""
     folder.mkdir(parents=True, exist_ok=True)
-    worlds = set()
-    for p in folder.iterdir():
-        if SHARD_NAME.match(p.name):
-            try:
-                worlds.add(_read_progress(p)["world"])
-            except Exception:  # noqa: BLE001 (damaged: the owning rank drops it)
-                pass
-    if worlds and worlds != {world}:
+    layout = folder / "layout.json"
+    built_by = json.loads(layout.read_text()).get("world") if layout.is_file() else None
+    leftovers = built_by is None and any(SHARD_NAME.match(p.name) for p in folder.iterdir())
+    if (built_by is not None and built_by != world) or leftovers:
         log.warning("cache: the partial build in %s was made by %s processes, now %d: starting it again",
-                    folder, sorted(worlds), world)
+                    folder, built_by or "an unknown number of", world)
         for p in folder.iterdir():
             p.unlink() if p.is_file() else shutil.rmtree(p)
+    if built_by != world:
+        _atomic_write_text(layout, json.dumps({"world": world, "version": CACHE_VERSION}))
     for p in folder.glob("done-r*.json"):
         p.unlink()  # written again by each rank that finishes now
 
@@ -220,9 +259,9 @@ def _check_shared(folder: Path, dist: Dist) -> None:
 
 
 def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], Any], dist: Dist, stop: Stop) -> None:
-    """Each rank encodes every world-th source entry into its own shards; rank 0 merges the indexes, encodes
-    the prompts and marks the cache complete. Raises StopRequested (after writing what is finished) on a
-    signal, PeerFailed on every rank when one fails."""
+    """Each rank encodes every world-th source entry into its own shards and index files; rank 0 writes the
+    manifest (O(ranks)), encodes the prompts and marks the cache complete. Raises StopRequested (after
+    writing what is finished) on a signal, PeerFailed on every rank when one fails."""
     where = f"cache build in {folder}"
     stop.phase = "the cache build"
     with dist.failing_together(where):
@@ -236,11 +275,12 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
     with dist.failing_together(where):
         if writer.resume():
             log.info("cache: resuming rank %d after %d finished shard(s) (%d samples, source position %d)",
-                     dist.rank, writer.shards, len(writer.entries), writer.last_ordinal)
+                     dist.rank, writer.shards, writer.samples, writer.last_ordinal)
         llm = get_llm()
         last = _encode_source(config, base, llm, writer, dist, stop, where)
         _atomic_write_text(folder / f"done-r{dist.rank}.json",
-                           json.dumps({"entries_seen": last + 1, "skipped": writer.skips.to_dict()}))
+                           json.dumps({"entries_seen": last + 1, "samples": writer.samples, "shards": writer.shards,
+                                       "skipped": writer.skips.to_dict()}))
     dist.agree(where, 3)
     with dist.failing_together(where):
         if dist.is_main:
@@ -265,9 +305,10 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
             return
         keys = [entry["key"] for entry, _ in chunk]
         texts = [c for entry, _ in chunk for c in entry["captions"]]
-        features = encode_texts(llm, texts, config.llm)  # (n, L, D) in the LLM dtype
+        features = encode_texts(llm, texts, config.llm)  # (n, L, D) float32
         text_keys = [entry["key"] for entry, _ in chunk for _ in entry["captions"]]
         check_finite(features, text_keys, "LLM features", llm_fix(config))
+        stored_texts = llm_features.for_storage(llm, texts, features, config.llm)  # LLM dtype, unpadded if flexible
         latents: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
         by_bucket: dict[tuple[int, ...], list[int]] = {}
         for i, (entry, _) in enumerate(chunk):
@@ -284,7 +325,7 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
         offset = 0
         for (entry, _), latent in zip(chunk, latents):
             n = len(entry["captions"])
-            writer.add(entry, latent, list(features[offset:offset + n]))
+            writer.add(entry, latent, stored_texts[offset:offset + n])
             offset += n
         chunk.clear()
 
@@ -326,7 +367,7 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
                             writer.flush(ordinal)
             if (ordinal + 1) % 1000 == 0:
                 log.info("cache: rank %d at source entry %d, %d samples encoded", dist.rank, ordinal + 1,
-                         len(writer.entries) + len(writer.pending))
+                         writer.samples + len(writer.pending))
         encode_chunk()
         writer.flush(ordinal)
         if dist.enabled:
@@ -341,95 +382,130 @@ def _copy(skips: SkipCounter) -> SkipCounter:
 
 
 def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> None:
-    """Rank 0: every rank's shards into index.json, the prompts encoded, then COMPLETE."""
-    entries, skips = [], SkipCounter()
+    """Rank 0: the manifest from every rank's done file (O(ranks): the rows stay in the ranks' index files),
+    the prompts encoded, then COMPLETE."""
+    counts, shards, skips = [], [], SkipCounter()
     for r in range(world):
         done = folder / f"done-r{r}.json"
         if not done.is_file():
             raise TrainingError(f"cache: rank {r} finished but its {done.name} is not in {folder}")
-        skips.merge(json.loads(done.read_text())["skipped"])
-        shards = sorted((int(m.group(2)), p) for p in folder.iterdir() if (m := SHARD_NAME.match(p.name))
-                        and int(m.group(1)) == r)
-        for _, path in shards:
-            entries.extend(_read_progress(path)["entries"])
-    entries.sort(key=lambda e: e["ordinal"])
-    if not entries:
+        state = json.loads(done.read_text())
+        skips.merge(state["skipped"])
+        records = folder / records_name(r)
+        size = records.stat().st_size if records.is_file() else 0
+        if size != state["samples"] * RECORD.itemsize:
+            raise TrainingError(f"cache: {records} holds {size // RECORD.itemsize} rows but rank {r} wrote "
+                                f"{state['samples']} samples: the file was changed; delete {folder} to rebuild")
+        counts.append(state["samples"])
+        shards.append(state["shards"])
+    if not sum(counts):
         raise TrainingError(f"no usable samples in {config.data.path} ({skips.total} skipped: {dict(skips.counts)}, "
                             f"e.g. {skips.examples[:3]})")
     empty = encode_texts(llm, [""], config.llm)  # alone, exactly as the online path encodes it
     check_finite(empty, ["''"], "LLM features of the empty prompt", llm_fix(config))
-    prompts = {"empty": empty[0]}
+    prompts = {"empty": llm_features.for_storage(llm, [""], empty, config.llm)[0]}
     if config.validation.prompts:
         features = encode_texts(llm, config.validation.prompts, config.llm)
         check_finite(features, [repr(p[:40]) for p in config.validation.prompts],
                      "LLM features of the validation prompts", llm_fix(config))
-        prompts.update({prompt_key(p): f for p, f in zip(config.validation.prompts, features)})
-    atomic_save_file({k: v.float() for k, v in prompts.items()}, folder / "prompts.safetensors")
-    index = {"settings": cache_settings(config, base.vae.dtype), "hidden_size": int(empty.shape[-1]),
-             "entries": entries, "skipped": skips.to_dict()}
-    _atomic_write_text(folder / "index.json", json.dumps(index))
+        stored = llm_features.for_storage(llm, config.validation.prompts, features, config.llm)
+        prompts.update({prompt_key(p): f for p, f in zip(config.validation.prompts, stored)})
+    atomic_save_file(prompts, folder / "prompts.safetensors")
+    manifest = {"version": CACHE_VERSION, "settings": cache_settings(config, base.vae.dtype),
+                "hidden_size": int(empty.shape[-1]), "world": world, "counts": counts, "shards": shards,
+                "samples": sum(counts), "record_bytes": RECORD.itemsize, "skipped": skips.to_dict()}
+    _atomic_write_text(folder / "index.json", json.dumps(manifest))
     _atomic_write_text(folder / "COMPLETE", "ok\n")
-    log.info("cache: %d samples in %s (%d skipped%s)", len(entries), folder, skips.total,
+    log.info("cache: %d samples in %s (%d skipped%s)", sum(counts), folder, skips.total,
              f": {dict(skips.counts)}" if skips.total else "")
 
 
 class FeatureCache:
-    """Read side of a complete cache."""
+    """Read side of a complete cache: the manifest, the prompts, and the rows (memory-mapped)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        index = json.loads((folder / "index.json").read_text())
-        self.entries: list[dict[str, Any]] = index["entries"]
-        self.hidden_size: int = index["hidden_size"]
-        self.skipped: dict[str, Any] = index["skipped"]
-        self.prompts = load_file(str(folder / "prompts.safetensors"))
+        manifest = json.loads((folder / "index.json").read_text())
+        if manifest.get("version") != CACHE_VERSION or manifest.get("record_bytes") != RECORD.itemsize:
+            found = manifest.get("version", "2 or older")
+            raise TrainingError(f"the feature cache {folder} was written in format {found}, this trainer reads "
+                                f"format {CACHE_VERSION}: delete {folder / 'COMPLETE'} to rebuild it")
+        self.hidden_size: int = manifest["hidden_size"]
+        self.skipped: dict[str, Any] = manifest["skipped"]
+        self.index = CacheIndex(folder, manifest["counts"])
+        self.prompts = {k: v.float() for k, v in load_file(str(folder / "prompts.safetensors")).items()}
 
     @staticmethod
     def is_complete(folder: Path) -> bool:
         return (folder / "COMPLETE").is_file()
 
+    def __len__(self) -> int:
+        return len(self.index)
+
     @property
-    def buckets(self) -> list[tuple[int, int]]:
-        return [tuple(e["bucket"]) for e in self.entries]
+    def buckets(self) -> np.ndarray:
+        """(N, 2) int32 (height, width) per sample, in source order (what training.data.BatchPlan takes)."""
+        return self.index.buckets()
+
+    def entry(self, index: int) -> dict[str, Any]:
+        """Sample `index` as a dict (key, captions, shard, slot, bucket, sizes): for logs and tests."""
+        rank, row = self.index.locate(index)
+        return row_entry(rank, row, self.index.text(rank, row)) | {"shard": shard_name(rank, int(row["shard"]))}
 
     def empty_features(self) -> torch.Tensor:
+        """(L, D) float32: the empty prompt (L = its own tokens in flexible mode)."""
         return self.prompts["empty"]
 
-    def prompt_features(self, prompts: list[str]) -> Optional[torch.Tensor]:
-        """(P, L, D) for cached validation prompts, or None when one is missing."""
+    def prompt_features(self, prompts: list[str]) -> Optional[list[torch.Tensor]]:
+        """P tensors (L_i, D) for cached validation prompts, or None when one is missing."""
         keys = [prompt_key(p) for p in prompts]
         if not all(k in self.prompts for k in keys):
             return None
-        return torch.stack([self.prompts[k] for k in keys])
+        return [self.prompts[k] for k in keys]
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Latents and the chosen caption's features of one sample visit, read from the shards."""
+    """Latents and the chosen caption's features of one sample visit, read from the shards (upcast to fp32,
+    exact). Keeps up to `open_shards` shard handles open (least recently used closed first), per process:
+    DataLoader workers keep their own."""
 
-    def __init__(self, cache: FeatureCache, data: DataConfig) -> None:
-        self.folder, self.entries, self.data = cache.folder, cache.entries, data
+    def __init__(self, cache: FeatureCache, data: DataConfig, open_shards: int = 16) -> None:
+        self.folder, self.index, self.data, self.open_shards = cache.folder, cache.index, data, open_shards
         self.empty = cache.empty_features()
-        self._handles: dict[str, Any] = {}
+        self._handles: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._pid = os.getpid()
+        self.opens = 0  # shard files opened by this process (the LRU's misses)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.index)
 
-    def _shard(self, name: str) -> Any:
-        if name not in self._handles:
-            if len(self._handles) > 8:
-                self._handles.clear()
-            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        return self._handles[name]
+    def _shard(self, rank: int, number: int) -> Any:
+        if self._pid != os.getpid():  # a forked DataLoader worker: its own handles
+            self._handles, self._pid, self.opens = OrderedDict(), os.getpid(), 0
+        key = (rank, number)
+        handle = self._handles.get(key)
+        if handle is not None:
+            self._handles.move_to_end(key)
+            return handle
+        while len(self._handles) >= self.open_shards:
+            self._handles.popitem(last=False)
+        handle = self._handles[key] = safe_open(str(self.folder / shard_name(rank, number)), framework="pt")
+        self.opens += 1
+        return handle
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen their own handles
-        return {**self.__dict__, "_handles": {}}
+    def __getstate__(self) -> dict[str, Any]:  # spawned DataLoader workers open their own handles
+        return {**self.__dict__, "_handles": OrderedDict(), "opens": 0}
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, seed = item
-        entry = self.entries[index]
-        choice = pick_text(entry["captions"], seed, self.data)
-        shard = self._shard(entry["shard"])
-        latents = shard.get_tensor(f"{entry['slot']}.latent")
-        features = self.empty if choice < 0 else shard.get_tensor(f"{entry['slot']}.text.{choice}")
-        return {"latents": latents.float(), "features": features.float(), "original_size": tuple(entry["original_size"]),
-                "crop_top_left": tuple(entry["crop_top_left"]), "seed": seed, "key": entry["key"]}
+        rank, row = self.index.locate(index)
+        text = self.index.text(rank, row)
+        choice = pick_text(text["captions"], seed, self.data)
+        shard = self._shard(rank, int(row["shard"]))
+        slot = int(row["slot"])
+        latents = shard.get_tensor(f"{slot}.latent")
+        features = self.empty if choice < 0 else shard.get_tensor(f"{slot}.text.{choice}").float()
+        return {"latents": latents.float(), "features": features,
+                "original_size": (int(row["original_size"][0]), int(row["original_size"][1])),
+                "crop_top_left": (int(row["crop_top_left"][0]), int(row["crop_top_left"][1])),
+                "seed": seed, "key": text["key"]}

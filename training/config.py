@@ -56,6 +56,7 @@ class CacheConfig:
     dir: Optional[str] = None  # None: <output_dir>/cache; the settings' hash names a subfolder
     shard_size: int = 256  # samples per safetensors shard
     latent_dtype: str = "float32"
+    open_shards: int = 16  # shard files a reader keeps open (per DataLoader worker), least recently used closed
 
 
 @dataclass
@@ -157,7 +158,7 @@ _CHOICES = {
     "train.backend": ("nccl", "gloo", "mpi", "ucc"),
 }
 _POSITIVE = ["train.batch_size", "train.grad_accum", "train.max_steps", "train.checkpoint_every", "train.log_every",
-             "data.resolution", "data.bucket_step", "llm.max_length", "cache.shard_size", "connector.layers",
+             "data.resolution", "data.bucket_step", "llm.max_length", "cache.shard_size", "cache.open_shards", "connector.layers",
              "connector.heads", "connector.num_latents", "connector.time_channel", "connector.time_embed_dim",
              "optim.eps", "optim.max_grad_norm", "optim.schedule_steps", "train.min_snr_gamma",
              "train.collective_timeout_s", "validation.steps", "validation.height", "validation.width"]
@@ -377,9 +378,6 @@ def problems(config: Config) -> list[str]:
         errors.append(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         errors.append(f"train.ema_decay={t.ema_decay} must be in (0, 1)")
-    if config.llm.token_mode != "fixed":
-        errors.append("llm.token_mode=flexible cannot be batched for training (prompts differ in length); "
-                      "train with fixed (the paper's 128 tokens); flexible is an inference option")
     if config.connector.time_channel % 2:
         errors.append(f"connector.time_channel={config.connector.time_channel} must be even (sin and cos halves)")
     for dotted in ("validation.height", "validation.width"):
@@ -431,7 +429,7 @@ def _missing_paths(config: Config) -> list[str]:
 # ---------------------------------------------------------------- resume: which differences matter
 RESULT_NEUTRAL = ("output_dir", "train.resume", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.device", "train.backend", "train.collective_timeout_s",
-                  "data.num_workers", "cache.dir", "cache.shard_size", "validation.")
+                  "data.num_workers", "cache.dir", "cache.shard_size", "cache.open_shards", "validation.")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ from PIL import Image
 from .config import DataConfig
 from .distributed import Dist
 from .errors import TrainingError
+from .features import pad_batch
 from .tarfiles import CorruptTar, TruncatedTar, tar_members
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -461,16 +462,32 @@ def pick_text(captions: Sequence[str], seed: int, config: DataConfig) -> int:
 
 
 # ---------------------------------------------------------------- visiting order
-def epoch_batches(buckets: Sequence[tuple[int, int]], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Sample indices grouped into global micro-batches, each from a single bucket, in a seeded order.
-
-    `buckets[i]` is sample i's bucket. Incomplete batches at the end of a bucket are dropped this epoch
-    (they come in other orders next epoch).
-    """
-    rng = random.Random(f"{seed}/{epoch}")
+def bucket_members(buckets: Sequence[tuple[int, int]] | np.ndarray) -> dict[tuple[int, int], list[int]]:
+    """(height, width) -> the indices of its samples, ascending. `buckets`: (h, w) pairs or an (N, 2) integer
+    array (the feature cache's; grouped without a Python object per sample until the lists are made)."""
+    if isinstance(buckets, np.ndarray):
+        if not len(buckets):
+            return {}
+        unique, inverse = np.unique(buckets.reshape(len(buckets), -1), axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        parts = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(unique)))[:-1])
+        return {tuple(int(x) for x in u): part.tolist() for u, part in zip(unique, parts)}
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, bucket in enumerate(buckets):
         by_bucket.setdefault(tuple(bucket), []).append(index)
+    return by_bucket
+
+
+def epoch_batches(buckets: Sequence[tuple[int, int]] | np.ndarray, global_batch: int, seed: int, epoch: int
+                  ) -> list[list[int]]:
+    """Sample indices grouped into global micro-batches, each from a single bucket, in a seeded order.
+
+    `buckets[i]` is sample i's bucket (pairs, or an (N, 2) array: the same result). Incomplete batches at
+    the end of a bucket are dropped this epoch (they come in other orders next epoch).
+    """
+    rng = random.Random(f"{seed}/{epoch}")
+    by_bucket = bucket_members(buckets)
     batches = []
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket]
@@ -496,14 +513,15 @@ class BatchPlan:
 
     def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, world: int, rank: int, seed: int,
                  position: Optional[DataPosition] = None) -> None:
-        self.buckets, self.batch_size, self.world, self.rank, self.seed = list(buckets), batch_size, world, rank, seed
+        self.buckets = buckets if isinstance(buckets, np.ndarray) else list(buckets)
+        self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
         self.position = position or DataPosition()
         global_batch = batch_size * world
         if not epoch_batches(self.buckets, global_batch, seed, 0):
-            counts = Counter(tuple(b) for b in self.buckets)
+            counts = {b: len(m) for b, m in bucket_members(self.buckets).items()}
             raise TrainingError(
                 f"no bucket holds a full global batch of {global_batch} samples (batch_size {batch_size} x "
-                f"{world} processes); bucket sizes: {dict(counts)}. Lower train.batch_size, add data, or set "
+                f"{world} processes); bucket sizes: {counts}. Lower train.batch_size, add data, or set "
                 "data.buckets=false")
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -550,6 +568,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         return batch
     for name in good[0]:
         values = [it[name] for it in good]
+        if name == "features":  # flexible mode: padded to the longest, the padding hidden by text_bias
+            batch[name], bias = pad_batch(values)
+            if bias is not None:
+                batch["text_bias"] = bias
+            continue
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
 

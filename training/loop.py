@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ella_core import ELLA
 
 from . import cache as feature_cache
+from . import features as llm_features
 from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
 from .config import Config, OptimConfig, result_changes, save_config
 from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, image_failure, image_size,
@@ -100,7 +101,7 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
             log.info("reusing the feature cache in %s", folder)
         cache = feature_cache.FeatureCache(folder)
         skipped.merge(cache.skipped)
-        dataset = feature_cache.CachedDataset(cache, d)
+        dataset = feature_cache.CachedDataset(cache, d, config.cache.open_shards)
         return Data(dataset, cache.buckets, cache.empty_features(), None, skipped, cache)
     records = indexable_records(d, skipped)
     bucket_set = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
@@ -115,7 +116,7 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
         raise TrainingError(f"no usable samples in {d.path} ({skipped.total} skipped: {dict(skipped.counts)}, "
                             f"e.g. {skipped.examples[:3]})")
     llm = load_llm(config.llm, dist.device)
-    empty = encode_texts(llm, [""], config.llm)[0].float().cpu()
+    empty = llm_features.unpadded(llm, [""], config.llm, encode_texts(llm, [""], config.llm))[0].float().cpu()
     return Data(OnlineDataset(kept, buckets, d), buckets, empty, llm, skipped, None)
 
 
@@ -133,11 +134,14 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
         if "latents" in batch:
             latents = batch["latents"].to(device)  # (B, C, h, w), already scaled
             features = batch["features"].to(device)  # (B, L, D)
+            text_bias = batch["text_bias"].to(device) if "text_bias" in batch else None  # flexible-mode padding
         else:
             latents = base.encode_pixels(batch["pixels"].to(device)).float()
             feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
             features = encode_texts(data.llm, batch["text"], config.llm).float().to(device)
             feature_cache.check_finite(features, batch["key"], "LLM features", feature_cache.llm_fix(config))
+            text_bias = llm_features.online_bias(data.llm, batch["text"], config.llm, features)
+            text_bias = text_bias.to(device) if text_bias is not None else None
     b = latents.shape[0]
     timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
                                   config.train.noise_offset)
@@ -146,7 +150,7 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
     target = noise if base.prediction_type == "epsilon" else base.scheduler.get_velocity(latents, noise, timesteps)
     added = None
     with autocast:
-        context, pooled = step_module(features, timesteps.float())  # (B, N, W), (B, P) or None
+        context, pooled = step_module(features, timesteps.float(), text_bias)  # (B, N, W), (B, P) or None
         if base.kind == "sdxl":
             target_size = (latents.shape[2] * base.latent_scale, latents.shape[3] * base.latent_scale)
             time_ids = torch.tensor([sdxl_time_ids(o, c, target_size) for o, c in
@@ -405,7 +409,8 @@ def validate(config: Config, base: Base, ella: ELLA, ema: Optional[EMA], data: D
     if prompts is None:
         if data.validation_prompts is None:  # not cached (prompts changed since the cache was built)
             llm = data.llm or load_llm(config.llm, dist.device)
-            data.validation_prompts = encode_texts(llm, v.prompts, config.llm).float().cpu()
+            encoded = encode_texts(llm, v.prompts, config.llm).float().cpu()
+            data.validation_prompts = llm_features.unpadded(llm, v.prompts, config.llm, encoded)
         prompts = data.validation_prompts
     model = ella
     if ema is not None:

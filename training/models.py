@@ -190,9 +190,11 @@ class ConnectorStep(nn.Module):
         super().__init__()
         self.ella = ella
 
-    def forward(self, features: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """features (B, L, D_llm), timesteps (B,) -> context (B, N, D_ctx), pooled (B, D_pool) or None."""
-        context = self.ella(features, timesteps)
+    def forward(self, features: torch.Tensor, timesteps: torch.Tensor, text_bias: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """features (B, L, D_llm), timesteps (B,), text_bias (B, L) or None (training.features: -inf on the
+        padding of flexible-mode batches) -> context (B, N, D_ctx), pooled (B, D_pool) or None."""
+        context = self.ella(features, timesteps, text_bias)
         pooled = self.ella.pooled(context) if self.ella.config.pooled_dim else None
         return context, pooled
 

@@ -34,7 +34,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("data.caption_rule=best", "data.caption_rule"),
     ("train.batch_size=0", "train.batch_size"),
     ("data.caption_dropout=1.5", "caption_dropout"),
-    ("llm.token_mode=flexible", "flexible"),
+    ("llm.token_mode=padded", "token_mode"),
     ("data.caption_rule=weighted", "caption_weights"),
     ("optim.lr=fast", "optim.lr"),
 ])

@@ -58,7 +58,7 @@ BAD = [  # (override, text the message must contain)
     ("llm.dtype=float8", "llm.dtype='float8' is not one of"),
     ("llm.max_length=0", "llm.max_length=0 must be > 0"),
     ("llm.hidden_layer=last", "llm.hidden_layer='last': must be an integer or null"),
-    ("llm.token_mode=flexible", "llm.token_mode=flexible cannot be batched"),
+    ("llm.token_mode=padded", "llm.token_mode='padded' is not one of ['fixed', 'flexible']"),
     ("model.pretrained=null", "model.pretrained is not set"),
     ("model.pretrained=/nonexistent/sd15", "model.pretrained=/nonexistent/sd15: no such file or folder"),
     ("model.base=sd3", "model.base='sd3' is not one of"),

@@ -18,6 +18,8 @@ from tests.training.train_helpers import ROOT, TINY_CONFIG
 
 from tests.training.test_signals import ENTRY
 
+from training.cache import FeatureCache
+
 BOUND_S = 240  # the whole test; the collectives' own timeout is set far above what a detection takes
 
 
@@ -133,5 +135,5 @@ def test_sigterm_to_one_rank_stops_both_and_the_rerun_resumes(tiny_sd15, tiny_t5
     assert all(code == 0 for code, _, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     assert "cache: resuming rank 0 after" in results[0][1]
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # finished shards untouched
-    index = json.loads((folder / "index.json").read_text())
-    assert [e["key"] for e in index["entries"]] == [f"img{i:04d}.png" for i in range(200)]
+    cache = FeatureCache(folder)
+    assert [cache.entry(i)["key"] for i in range(len(cache))] == [f"img{i:04d}.png" for i in range(200)]

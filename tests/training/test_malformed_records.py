@@ -262,7 +262,8 @@ def test_broken_images_are_counted_in_the_cache_build(tmp_path, tiny_sd15, tiny_
     folder = feature_cache.cache_dir(config, base.vae.dtype)
     feature_cache.build_cache(config, folder, base, lambda: load_llm(config.llm, torch.device("cpu")), Dist(), Stop())
     index = json.loads((folder / "index.json").read_text())
-    assert [e["key"] for e in index["entries"]] == [f"images/{k}.png" for k, _, _ in GOOD]
+    cache = feature_cache.FeatureCache(folder)
+    assert [cache.entry(i)["key"] for i in range(len(cache))] == [f"images/{k}.png" for k, _, _ in GOOD]
     assert index["skipped"]["counts"] == dict(Counter(reason for _, reason in BAD_IMAGES.values()))
 
 

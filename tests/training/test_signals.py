@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from tests.training.train_helpers import ROOT, TINY_CONFIG, run_trainer, synthetic_samples, write_folder
 
+from training.cache import FeatureCache
+
 ENTRY = Path(__file__).with_name("trainer_entry.py")
 
 
@@ -91,7 +93,8 @@ def test_sigterm_during_the_cache_build_keeps_shards_and_the_rerun_resumes(tiny_
     assert f"cache: resuming rank 0 after {len(kept)} finished shard(s) ({4 * len(kept)} samples" in proc.stderr
     assert all(p.stat().st_ino == ino and p.stat().st_mtime_ns == mt for p, (ino, mt) in kept.items())
     index = json.loads((folder / "index.json").read_text())
-    assert [e["key"] for e in index["entries"]] == [f"img{i:04d}.png" for i in range(40)]
+    cache = FeatureCache(folder)
+    assert [cache.entry(i)["key"] for i in range(len(cache))] == [f"img{i:04d}.png" for i in range(40)]
     assert index["skipped"]["total"] == 0 and (tmp_path / "run" / "ella.safetensors").is_file()
 
 

@@ -20,6 +20,7 @@ from tests.training.train_helpers import (ROOT, TINY_CONFIG, TRAIN_SCRIPT, png_b
 from safetensors.torch import load_file
 
 from ella_core import ELLA, load_ella, load_ella_with_metadata
+from training import cache as feature_cache
 from training.data import Skip
 
 
@@ -75,8 +76,8 @@ def test_jsonl_with_the_real_smollm2(tiny_sd15, smollm2, datasets, tmp_path):
                 "data.caption_columns=[caption, dense]", "data.caption_rule=longest", "llm.dtype=float32")
     ella = _check_output(out, 2, smollm2)
     assert ella.config.input_dim == 576  # SmolLM2-135M's hidden size
-    index = json.loads(next((out / "cache").glob("*/index.json")).read_text())
-    assert len(index["entries"]) == 24 and all(len(e["captions"]) == 2 for e in index["entries"])
+    cache = feature_cache.FeatureCache(next((out / "cache").glob("*/index.json")).parent)
+    assert len(cache) == 24 and all(len(cache.entry(i)["captions"]) == 2 for i in range(len(cache)))
 
 
 def test_csv_online_without_cache_matches_the_cached_run(tiny_sd15, tiny_t5, datasets, tmp_path):
@@ -152,7 +153,7 @@ def test_malformed_sources_are_counted_in_a_run(tiny_sd15, tiny_t5, tmp_path, ki
     proc = run_trainer(*_common(tiny_sd15, tiny_t5, data, out), "train.max_steps=1")
     assert f"skipped 1 unusable samples: {{'{reason}': 1}}" in proc.stderr
     index = json.loads(next((out / "cache").glob("*/index.json")).read_text())
-    assert len(index["entries"]) == kept and index["skipped"]["counts"] == {reason: 1}
+    assert index["samples"] == kept and index["skipped"]["counts"] == {reason: 1}
     assert read_metrics(out)[-1]["skipped"] == 1 and (out / "ella.safetensors").is_file()
 
 

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from tests.training.train_helpers import read_metrics, run_trainer
 
+from training.cache import FeatureCache
+
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     served: list[str] = []
@@ -52,7 +54,8 @@ def _cache(out: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("r*.safetensors")):
         tensors.update({f"{shard.name}/{k}": v for k, v in load_file(str(shard)).items()})
-    return json.loads((folder / "index.json").read_text())["entries"], tensors
+    cache = FeatureCache(folder)
+    return [cache.entry(i) for i in range(len(cache))], tensors
 
 
 def test_training_from_http_shards_equals_training_from_local_shards(tiny_sd15, tiny_t5, datasets, shard_server,
