@@ -53,10 +53,14 @@ CHUNK = 16  # samples encoded together (at most cache.shard_size); shards hold w
 SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
 
 
+LLM_SETTINGS = ("llm", "llm_tokenizer", "llm_dtype", "llm_hidden_layer", "token_mode", "max_length")
+
+
 def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """Everything the cached tensors depend on."""
+    """Everything the cached tensors depend on. A latents-only cache (cache.mode=latents) holds no LLM
+    features, so it does not depend on the LLM settings: runs with other LLMs share it."""
     d = config.data
-    return {
+    settings = {
         "version": CACHE_VERSION, "model": config.model.pretrained, "model_revision": config.model.revision,
         "model_variant": config.model.variant, "vae_dtype": str(vae_dtype),
         "llm": config.llm.source, "llm_tokenizer": config.llm.tokenizer, "llm_dtype": config.llm.dtype,
@@ -66,6 +70,14 @@ def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
         "data_path": d.path if isinstance(d.path, list) else str(d.path), "image_column": d.image_column,
         "caption_columns": list(d.caption_columns), "latent_dtype": config.cache.latent_dtype,
     }
+    if not caches_features(config):
+        settings = {k: v for k, v in settings.items() if k not in LLM_SETTINGS} | {"features": False}
+    return settings
+
+
+def caches_features(config: Config) -> bool:
+    """Whether the cache stores LLM features (cache.mode=full); otherwise the build never loads the LLM."""
+    return config.cache.mode == "full"
 
 
 def cache_dir(config: Config, vae_dtype: torch.dtype) -> Path:
@@ -237,7 +249,7 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
         if writer.resume():
             log.info("cache: resuming rank %d after %d finished shard(s) (%d samples, source position %d)",
                      dist.rank, writer.shards, len(writer.entries), writer.last_ordinal)
-        llm = get_llm()
+        llm = get_llm() if caches_features(config) else None
         last = _encode_source(config, base, llm, writer, dist, stop, where)
         _atomic_write_text(folder / f"done-r{dist.rank}.json",
                            json.dumps({"entries_seen": last + 1, "skipped": writer.skips.to_dict()}))
@@ -264,10 +276,11 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
         if not chunk:
             return
         keys = [entry["key"] for entry, _ in chunk]
-        texts = [c for entry, _ in chunk for c in entry["captions"]]
-        features = encode_texts(llm, texts, config.llm)  # (n, L, D) in the LLM dtype
-        text_keys = [entry["key"] for entry, _ in chunk for _ in entry["captions"]]
-        check_finite(features, text_keys, "LLM features", llm_fix(config))
+        if llm is not None:
+            texts = [c for entry, _ in chunk for c in entry["captions"]]
+            features = encode_texts(llm, texts, config.llm)  # (n, L, D) in the LLM dtype
+            text_keys = [entry["key"] for entry, _ in chunk for _ in entry["captions"]]
+            check_finite(features, text_keys, "LLM features", llm_fix(config))
         latents: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
         by_bucket: dict[tuple[int, ...], list[int]] = {}
         for i, (entry, _) in enumerate(chunk):
@@ -283,8 +296,8 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
                     latents[i] = latent
         offset = 0
         for (entry, _), latent in zip(chunk, latents):
-            n = len(entry["captions"])
-            writer.add(entry, latent, list(features[offset:offset + n]))
+            n = len(entry["captions"]) if llm is not None else 0  # latents only: the index keeps the captions
+            writer.add(entry, latent, list(features[offset:offset + n]) if n else [])
             offset += n
         chunk.clear()
 
@@ -341,7 +354,8 @@ def _copy(skips: SkipCounter) -> SkipCounter:
 
 
 def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> None:
-    """Rank 0: every rank's shards into index.json, the prompts encoded, then COMPLETE."""
+    """Rank 0: every rank's shards into index.json, the prompts encoded (not without an LLM: latents only),
+    then COMPLETE."""
     entries, skips = [], SkipCounter()
     for r in range(world):
         done = folder / f"done-r{r}.json"
@@ -356,6 +370,14 @@ def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> No
     if not entries:
         raise TrainingError(f"no usable samples in {config.data.path} ({skips.total} skipped: {dict(skips.counts)}, "
                             f"e.g. {skips.examples[:3]})")
+    if llm is None:  # latents only: the training loop encodes the empty and validation prompts
+        index = {"settings": cache_settings(config, base.vae.dtype), "hidden_size": None, "entries": entries,
+                 "skipped": skips.to_dict()}
+        _atomic_write_text(folder / "index.json", json.dumps(index))
+        _atomic_write_text(folder / "COMPLETE", "ok\n")
+        log.info("cache: %d samples (latents and captions) in %s (%d skipped%s)", len(entries), folder,
+                 skips.total, f": {dict(skips.counts)}" if skips.total else "")
+        return
     empty = encode_texts(llm, [""], config.llm)  # alone, exactly as the online path encodes it
     check_finite(empty, ["''"], "LLM features of the empty prompt", llm_fix(config))
     prompts = {"empty": empty[0]}
@@ -380,9 +402,10 @@ class FeatureCache:
         self.folder = folder
         index = json.loads((folder / "index.json").read_text())
         self.entries: list[dict[str, Any]] = index["entries"]
-        self.hidden_size: int = index["hidden_size"]
+        self.hidden_size: Optional[int] = index["hidden_size"]  # None: latents only
         self.skipped: dict[str, Any] = index["skipped"]
-        self.prompts = load_file(str(folder / "prompts.safetensors"))
+        self.has_features: bool = index["settings"].get("features", True)  # False: latents and captions only
+        self.prompts = load_file(str(folder / "prompts.safetensors")) if self.has_features else {}
 
     @staticmethod
     def is_complete(folder: Path) -> bool:
@@ -404,11 +427,12 @@ class FeatureCache:
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Latents and the chosen caption's features of one sample visit, read from the shards."""
+    """Latents and the chosen caption's features of one sample visit, read from the shards (a latents-only
+    cache: the chosen caption's text, "" when dropped, which the loop encodes)."""
 
     def __init__(self, cache: FeatureCache, data: DataConfig) -> None:
         self.folder, self.entries, self.data = cache.folder, cache.entries, data
-        self.empty = cache.empty_features()
+        self.empty = cache.empty_features() if cache.has_features else None
         self._handles: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -430,6 +454,10 @@ class CachedDataset(torch.utils.data.Dataset):
         choice = pick_text(entry["captions"], seed, self.data)
         shard = self._shard(entry["shard"])
         latents = shard.get_tensor(f"{entry['slot']}.latent")
-        features = self.empty if choice < 0 else shard.get_tensor(f"{entry['slot']}.text.{choice}")
-        return {"latents": latents.float(), "features": features.float(), "original_size": tuple(entry["original_size"]),
+        if self.empty is None:  # latents only
+            text: dict[str, Any] = {"text": "" if choice < 0 else entry["captions"][choice]}
+        else:
+            features = self.empty if choice < 0 else shard.get_tensor(f"{entry['slot']}.text.{choice}")
+            text = {"features": features.float()}
+        return {"latents": latents.float(), **text, "original_size": tuple(entry["original_size"]),
                 "crop_top_left": tuple(entry["crop_top_left"]), "seed": seed, "key": entry["key"]}
