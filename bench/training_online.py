@@ -74,6 +74,29 @@ def _flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
+def paper_shape_flops(unet_config: Any) -> tuple[float, float]:
+    """FLOPs per sample, counted on the meta device (nothing computed, no memory): the 24-layer T5-XL encoder
+    over 128 tokens, and a training step at 512 px (connector and UNet forward, backward to the connector)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    from ella_core import ELLA, ELLAConfig
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**T5_XL, num_layers=24, is_encoder_decoder=False, use_cache=False)).eval()
+        with torch.no_grad():  # no attention mask: all 128 positions count, as with padding (mask code reads values)
+            llm = _flops(lambda: t5(input_ids=torch.zeros(1, TOKENS, dtype=torch.long)))
+        unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)
+        ella = ELLA(ELLAConfig(input_dim=T5_XL["d_model"]))
+        latents, t = torch.randn(1, 4, 64, 64), torch.tensor([500.0])
+
+        def step() -> None:
+            pred = unet(latents, t, encoder_hidden_states=ella(torch.randn(1, TOKENS, T5_XL["d_model"]), t)).sample
+            (pred - latents).pow(2).mean().backward()
+
+        return llm, _flops(step)
+
+
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Seconds per call after one warm-up call."""
     fn()
@@ -89,7 +112,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 
 def online_lines(unet: Any, vae: Any, scheduler: Any, device: torch.device, *, batch: int = 1, steps: int = 2,
                  resolution: int = 256, t5_layers: int = 24) -> list[str]:
-    """Runs the three modes with each LLM; returns the lines to print."""
+    """Runs the three modes with each LLM; returns the lines to print (paper-shape FLOPs first)."""
     from PIL import Image
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -113,7 +136,14 @@ def online_lines(unet: Any, vae: Any, scheduler: Any, device: torch.device, *, b
     with torch.no_grad():
         pixels = fit_to_bucket(decode_image(png_bytes), (resolution, resolution)).pixels
         latent = base.encode_pixels(pixels[None].to(device))[0].cpu()  # (4, res/8, res/8)
-    lines = [f"\ncache.mode full / latents / none: device {device}, threads {torch.get_num_threads()}, batch {b}, "
+    llm_flops, step_flops = paper_shape_flops(unet.config)
+    lines = [f"\nAt the paper's shapes (FLOPs counted on the meta device): T5-XL encoder forward {llm_flops / 1e9:.0f} "
+             f"GFLOP per sample (128 tokens), SD1.5 training step at 512 px {step_flops / 1e9:.0f} GFLOP per sample: "
+             f"latents mode adds {100 * llm_flops / step_flops:.0f} % GPU work per sample (at equal efficiency); "
+             f"a full cache stores {TOKENS * T5_XL['d_model'] * 2 / 2**10:.0f} KiB of fp16 features per caption "
+             f"({34e6 * TOKENS * T5_XL['d_model'] * 2 / 2**40:.1f} TiB for 34 M) against "
+             f"{4 * 64 * 64 * 2 / 2**10:.0f} KiB of fp16 latents per image"]
+    lines += [f"\ncache.mode full / latents / none: device {device}, threads {torch.get_num_threads()}, batch {b}, "
              f"{resolution}x{resolution} images, {TOKENS} tokens, {steps} timed steps after one warm-up"]
 
     for name, build in (("SmolLM2-135M (GGUF, fp32)", lambda: smollm2(device)),
@@ -171,7 +201,7 @@ def online_lines(unet: Any, vae: Any, scheduler: Any, device: torch.device, *, b
                   f"  features per caption ({TOKENS} x {llm.hidden_size}): {feature_bytes * 2 / 2**10:.0f} KiB in "
                   f"fp16/bf16, {feature_bytes * 4 / 2**10:.0f} KiB in fp32; x 34 M captions: "
                   f"{34e6 * feature_bytes * 2 / 2**40:.1f} TiB (fp16); latents per {resolution} px image "
-                  f"{latent.numel() * 2 / 2**10:.0f} KiB (fp16)"]
+                  f"{latent.numel() * 2 / 2**10:.1f} KiB (fp16)"]
         del llm, data, ella, optimizer, step_module
     return lines
 
