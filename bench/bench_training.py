@@ -9,6 +9,7 @@ context (same maths as one backward).
 
     python bench/bench_training.py --batch 1 --steps 3 [--device cuda] [--llm smollm2|t5xl]
     python bench/bench_training.py --cache-storage     # cache bytes per sample, index memory (training_cache.py)
+    python bench/bench_training.py --online ...   # cache.mode full vs latents vs none (bench/training_online.py)
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--cache-storage", action="store_true",
                         help="print the feature cache's bytes per sample and index memory (bench/training_cache.py)")
+    parser.add_argument("--online", action="store_true", help="cache.mode full vs latents vs none, both LLMs "
+                        "(bench/training_online.py) instead of the split below")
+    parser.add_argument("--t5-layers", type=int, default=24, help="--online: layers of the T5-XL-shaped encoder")
     args = parser.parse_args()
     if args.cache_storage:
         from training_cache import report
@@ -109,6 +113,12 @@ def main() -> None:
     unet = UNet2DConditionModel(**SD15_UNET).to(device).requires_grad_(False).eval()
     vae = AutoencoderKL(**SD15_VAE).to(device).requires_grad_(False).eval()
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    if args.online:
+        from training_online import online_lines
+
+        print("\n".join(online_lines(unet, vae, scheduler, device, batch=args.batch, steps=args.steps,
+                                     resolution=args.resolution, t5_layers=args.t5_layers)))
+        return
     llm = build_llm(args.llm, device)
     ella = ELLA(ELLAConfig(input_dim=llm.hidden_size)).to(device).train()
     optimizer = torch.optim.AdamW(ella.parameters(), lr=1e-4, weight_decay=0.01)

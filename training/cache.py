@@ -63,10 +63,14 @@ CHUNK = 16  # samples encoded together (at most cache.shard_size); shards hold w
 SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
 
 
+LLM_SETTINGS = ("llm", "llm_tokenizer", "llm_dtype", "llm_hidden_layer", "token_mode", "max_length")
+
+
 def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """Everything the cached tensors depend on."""
+    """Everything the cached tensors depend on. A latents-only cache (cache.mode=latents) holds no LLM
+    features, so it does not depend on the LLM settings: runs with other LLMs share it."""
     d = config.data
-    return {
+    settings = {
         "version": CACHE_VERSION, "model": config.model.pretrained, "model_revision": config.model.revision,
         "model_variant": config.model.variant, "vae_dtype": str(vae_dtype),
         "llm": config.llm.source, "llm_tokenizer": config.llm.tokenizer, "llm_dtype": config.llm.dtype,
@@ -76,6 +80,14 @@ def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
         "data_path": d.path if isinstance(d.path, list) else str(d.path), "image_column": d.image_column,
         "caption_columns": list(d.caption_columns), "latent_dtype": config.cache.latent_dtype,
     }
+    if not caches_features(config):
+        settings = {k: v for k, v in settings.items() if k not in LLM_SETTINGS} | {"features": False}
+    return settings
+
+
+def caches_features(config: Config) -> bool:
+    """Whether the cache stores LLM features (cache.mode=full); otherwise the build never loads the LLM."""
+    return config.cache.mode == "full"
 
 
 def cache_dir(config: Config, vae_dtype: torch.dtype) -> Path:
@@ -276,7 +288,7 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
         if writer.resume():
             log.info("cache: resuming rank %d after %d finished shard(s) (%d samples, source position %d)",
                      dist.rank, writer.shards, writer.samples, writer.last_ordinal)
-        llm = get_llm()
+        llm = get_llm() if caches_features(config) else None
         last = _encode_source(config, base, llm, writer, dist, stop, where)
         _atomic_write_text(folder / f"done-r{dist.rank}.json",
                            json.dumps({"entries_seen": last + 1, "samples": writer.samples, "shards": writer.shards,
@@ -304,11 +316,13 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
         if not chunk:
             return
         keys = [entry["key"] for entry, _ in chunk]
-        texts = [c for entry, _ in chunk for c in entry["captions"]]
-        features = encode_texts(llm, texts, config.llm)  # (n, L, D) float32
-        text_keys = [entry["key"] for entry, _ in chunk for _ in entry["captions"]]
-        check_finite(features, text_keys, "LLM features", llm_fix(config))
-        stored_texts = llm_features.for_storage(llm, texts, features, config.llm)  # LLM dtype, unpadded if flexible
+        stored_texts: list[torch.Tensor] = []
+        if llm is not None:
+            texts = [c for entry, _ in chunk for c in entry["captions"]]
+            features = encode_texts(llm, texts, config.llm)  # (n, L, D) float32
+            text_keys = [entry["key"] for entry, _ in chunk for _ in entry["captions"]]
+            check_finite(features, text_keys, "LLM features", llm_fix(config))
+            stored_texts = llm_features.for_storage(llm, texts, features, config.llm)  # LLM dtype, unpadded if flexible
         latents: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
         by_bucket: dict[tuple[int, ...], list[int]] = {}
         for i, (entry, _) in enumerate(chunk):
@@ -324,7 +338,7 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
                     latents[i] = latent
         offset = 0
         for (entry, _), latent in zip(chunk, latents):
-            n = len(entry["captions"])
+            n = len(entry["captions"]) if llm is not None else 0  # latents only: the index keeps the captions
             writer.add(entry, latent, stored_texts[offset:offset + n])
             offset += n
         chunk.clear()
@@ -383,7 +397,7 @@ def _copy(skips: SkipCounter) -> SkipCounter:
 
 def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> None:
     """Rank 0: the manifest from every rank's done file (O(ranks): the rows stay in the ranks' index files),
-    the prompts encoded, then COMPLETE."""
+    the prompts encoded (not in a latents-only cache: the loop's resident LLM encodes them), then COMPLETE."""
     counts, shards, skips = [], [], SkipCounter()
     for r in range(world):
         done = folder / f"done-r{r}.json"
@@ -401,6 +415,19 @@ def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> No
     if not sum(counts):
         raise TrainingError(f"no usable samples in {config.data.path} ({skips.total} skipped: {dict(skips.counts)}, "
                             f"e.g. {skips.examples[:3]})")
+    manifest = {"version": CACHE_VERSION, "settings": cache_settings(config, base.vae.dtype), "hidden_size": None,
+                "world": world, "counts": counts, "shards": shards, "samples": sum(counts),
+                "record_bytes": RECORD.itemsize, "skipped": skips.to_dict()}
+    if llm is not None:
+        manifest["hidden_size"] = _write_prompts(config, folder, llm)
+    _atomic_write_text(folder / "index.json", json.dumps(manifest))
+    _atomic_write_text(folder / "COMPLETE", "ok\n")
+    log.info("cache: %d samples%s in %s (%d skipped%s)", sum(counts), "" if llm is not None else " (latents and captions)",
+             folder, skips.total, f": {dict(skips.counts)}" if skips.total else "")
+
+
+def _write_prompts(config: Config, folder: Path, llm: Any) -> int:
+    """prompts.safetensors: the empty prompt and the validation prompts; returns the LLM's width."""
     empty = encode_texts(llm, [""], config.llm)  # alone, exactly as the online path encodes it
     check_finite(empty, ["''"], "LLM features of the empty prompt", llm_fix(config))
     prompts = {"empty": llm_features.for_storage(llm, [""], empty, config.llm)[0]}
@@ -411,13 +438,7 @@ def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> No
         stored = llm_features.for_storage(llm, config.validation.prompts, features, config.llm)
         prompts.update({prompt_key(p): f for p, f in zip(config.validation.prompts, stored)})
     atomic_save_file(prompts, folder / "prompts.safetensors")
-    manifest = {"version": CACHE_VERSION, "settings": cache_settings(config, base.vae.dtype),
-                "hidden_size": int(empty.shape[-1]), "world": world, "counts": counts, "shards": shards,
-                "samples": sum(counts), "record_bytes": RECORD.itemsize, "skipped": skips.to_dict()}
-    _atomic_write_text(folder / "index.json", json.dumps(manifest))
-    _atomic_write_text(folder / "COMPLETE", "ok\n")
-    log.info("cache: %d samples in %s (%d skipped%s)", sum(counts), folder, skips.total,
-             f": {dict(skips.counts)}" if skips.total else "")
+    return int(empty.shape[-1])
 
 
 class FeatureCache:
@@ -430,10 +451,12 @@ class FeatureCache:
             found = manifest.get("version", "2 or older")
             raise TrainingError(f"the feature cache {folder} was written in format {found}, this trainer reads "
                                 f"format {CACHE_VERSION}: delete {folder / 'COMPLETE'} to rebuild it")
-        self.hidden_size: int = manifest["hidden_size"]
+        self.hidden_size: Optional[int] = manifest["hidden_size"]  # None: latents only
         self.skipped: dict[str, Any] = manifest["skipped"]
         self.index = CacheIndex(folder, manifest["counts"])
-        self.prompts = {k: v.float() for k, v in load_file(str(folder / "prompts.safetensors")).items()}
+        self.has_features: bool = manifest["settings"].get("features", True)  # False: latents and captions only
+        self.prompts = ({k: v.float() for k, v in load_file(str(folder / "prompts.safetensors")).items()}
+                        if self.has_features else {})
 
     @staticmethod
     def is_complete(folder: Path) -> bool:
@@ -466,12 +489,13 @@ class FeatureCache:
 
 class CachedDataset(torch.utils.data.Dataset):
     """Latents and the chosen caption's features of one sample visit, read from the shards (upcast to fp32,
-    exact). Keeps up to `open_shards` shard handles open (least recently used closed first), per process:
+    exact); from a latents-only cache the chosen caption's text instead ("" when dropped), which the loop
+    encodes. Keeps up to `open_shards` shard handles open (least recently used closed first), per process:
     DataLoader workers keep their own."""
 
     def __init__(self, cache: FeatureCache, data: DataConfig, open_shards: int = 16) -> None:
         self.folder, self.index, self.data, self.open_shards = cache.folder, cache.index, data, open_shards
-        self.empty = cache.empty_features()
+        self.empty = cache.empty_features() if cache.has_features else None
         self._handles: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._pid = os.getpid()
         self.opens = 0  # shard files opened by this process (the LRU's misses)
@@ -499,13 +523,16 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, seed = item
         rank, row = self.index.locate(index)
-        text = self.index.text(rank, row)
-        choice = pick_text(text["captions"], seed, self.data)
+        entry = self.index.text(rank, row)
+        choice = pick_text(entry["captions"], seed, self.data)
         shard = self._shard(rank, int(row["shard"]))
         slot = int(row["slot"])
         latents = shard.get_tensor(f"{slot}.latent")
-        features = self.empty if choice < 0 else shard.get_tensor(f"{slot}.text.{choice}").float()
-        return {"latents": latents.float(), "features": features,
+        if self.empty is None:  # latents only
+            chosen: dict[str, Any] = {"text": "" if choice < 0 else entry["captions"][choice]}
+        else:
+            chosen = {"features": self.empty if choice < 0 else shard.get_tensor(f"{slot}.text.{choice}").float()}
+        return {"latents": latents.float(), **chosen,
                 "original_size": (int(row["original_size"][0]), int(row["original_size"][1])),
                 "crop_top_left": (int(row["crop_top_left"][0]), int(row["crop_top_left"][1])),
-                "seed": seed, "key": text["key"]}
+                "seed": seed, "key": entry["key"]}

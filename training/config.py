@@ -52,11 +52,21 @@ class ConnectorConfig:
 
 @dataclass
 class CacheConfig:
-    enabled: bool = True  # precompute VAE latents and LLM features once; the LLM is then not loaded to train
+    # what is computed once and stored (docs/training.md, "Feature cache", weighs disk against GPU time):
+    # full: VAE latents and LLM features; the LLM is not loaded to train
+    # latents: VAE latents and the captions; the LLM stays on each process's device and encodes every batch
+    # none: nothing; the VAE and the LLM run on every batch (image folders and manifests, not tar shards)
+    # The old `enabled: true|false` still reads as mode full|none.
+    mode: str = "full"
     dir: Optional[str] = None  # None: <output_dir>/cache; the settings' hash names a subfolder
     shard_size: int = 256  # samples per safetensors shard
     latent_dtype: str = "float32"
     open_shards: int = 16  # shard files a reader keeps open (per DataLoader worker), least recently used closed
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is a cache folder at all (modes full and latents)."""
+        return self.mode != "none"
 
 
 @dataclass
@@ -153,6 +163,7 @@ _CHOICES = {
     "data.format": ("auto", "folder", "jsonl", "csv", "webdataset"),
     "data.caption_rule": ("random", "first", "longest", "weighted"),
     "cache.latent_dtype": DTYPE_NAMES,
+    "cache.mode": ("full", "latents", "none"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.backend": ("nccl", "gloo", "mpi", "ucc"),
@@ -299,6 +310,25 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _legacy_cache_enabled(tree: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
+    """`cache.enabled: true|false` (the old spelling) as `cache.mode: full|none`, within one layer (the file or
+    the overrides), so an override in either spelling replaces the file's setting in either spelling."""
+    cache = tree.get("cache")
+    if not isinstance(cache, dict) or "enabled" not in cache:
+        return tree
+    cache = dict(cache)
+    enabled = cache.pop("enabled")
+    mode = cache.get("mode")
+    if not isinstance(enabled, bool):
+        errors.append(f"cache.enabled={enabled!r}: must be true or false (or use cache.mode: full, latents or none)")
+    elif mode is None:
+        cache["mode"] = "full" if enabled else "none"
+    elif (mode != "none") != enabled:
+        errors.append(f"{where} sets both cache.enabled={str(enabled).lower()} and cache.mode={mode}, which "
+                      "contradict each other: keep cache.mode (full, latents or none) only")
+    return {**tree, "cache": cache}
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -322,11 +352,16 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, llm:, data:, ...), got {data!r}")
-    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
     errors: list[str] = []
+    data = _legacy_cache_enabled(data, str(path), errors)
+    overrides_tree = _legacy_cache_enabled(parse_overrides(list(overrides)), "the command line", errors)
+    return config_from_dict(_merge(data, overrides_tree), errors)
+
+
+def config_from_dict(data: dict[str, Any], errors: Optional[list[str]] = None) -> Config:
+    """The typed config, or ConfigError listing every problem (`errors`: ones already found while reading)."""
+    errors = list(errors or [])
+    data = _legacy_cache_enabled(data, "the config", errors)
     config = _build(Config, data, "", errors)
     errors += problems(config)  # values of the wrong type kept their defaults: no double report
     if len(errors) == 1:
@@ -386,9 +421,9 @@ def problems(config: Config) -> list[str]:
             errors.append(f"{dotted}={value} must be a multiple of 8")
     if t.device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", t.device):
         errors.append(f"train.device={t.device!r} is not a device such as cpu, cuda or cuda:1")
-    if config.cache.enabled is False and _resolved_format(d) == "webdataset":
-        errors.append("data.path is webdataset shards, which are streamed, not indexed: keep cache.enabled=true "
-                      "so they are read once into the feature cache")
+    if config.cache.mode == "none" and _resolved_format(d) == "webdataset":
+        errors.append("data.path is webdataset shards, which are streamed, not indexed: use cache.mode=full or "
+                      "cache.mode=latents so they are read once into the cache")
     errors += _missing_paths(config)
     return errors
 
@@ -427,9 +462,12 @@ def _missing_paths(config: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------- resume: which differences matter
+# cache.mode (and the old cache.enabled): the three modes train on the same latents, captions and features
+# (tests/training/test_online_encoding.py), so a resume may switch between them
 RESULT_NEUTRAL = ("output_dir", "train.resume", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.device", "train.backend", "train.collective_timeout_s",
-                  "data.num_workers", "cache.dir", "cache.shard_size", "cache.open_shards", "validation.")
+                  "data.num_workers", "cache.dir", "cache.shard_size", "cache.open_shards", "cache.mode", "cache.enabled",
+                  "validation.")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -367,8 +367,8 @@ def stream_records(config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
 def indexable_records(config: DataConfig, skips: SkipCounter) -> list[Record]:
     fmt = config.format if config.format != "auto" else detect_format(config.path)
     if fmt == "webdataset":
-        raise TrainingError("webdataset shards are streamed, not indexed: keep cache.enabled=true so they are read "
-                         "once into the feature cache")
+        raise TrainingError("webdataset shards are streamed, not indexed: use cache.mode=full or cache.mode=latents "
+                         "so they are read once into the cache")
     return list(stream_records(config, skips))
 
 

@@ -30,6 +30,7 @@ from ella_core import ELLA
 
 from . import cache as feature_cache
 from . import features as llm_features
+from . import online
 from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
 from .config import Config, OptimConfig, result_changes, save_config
 from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, image_failure, image_size,
@@ -102,6 +103,9 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
         cache = feature_cache.FeatureCache(folder)
         skipped.merge(cache.skipped)
         dataset = feature_cache.CachedDataset(cache, d, config.cache.open_shards)
+        if not cache.has_features:  # cache.mode=latents: the resident LLM encodes every batch's captions
+            llm, empty = online.load_resident_llm(config, dist)
+            return Data(dataset, cache.buckets, empty, llm, skipped, cache)
         return Data(dataset, cache.buckets, cache.empty_features(), None, skipped, cache)
     records = indexable_records(d, skipped)
     bucket_set = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
@@ -115,8 +119,7 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
     if not kept:
         raise TrainingError(f"no usable samples in {d.path} ({skipped.total} skipped: {dict(skipped.counts)}, "
                             f"e.g. {skipped.examples[:3]})")
-    llm = load_llm(config.llm, dist.device)
-    empty = llm_features.unpadded(llm, [""], config.llm, encode_texts(llm, [""], config.llm))[0].float().cpu()
+    llm, empty = online.load_resident_llm(config, dist)
     return Data(OnlineDataset(kept, buckets, d), buckets, empty, llm, skipped, None)
 
 
@@ -133,14 +136,15 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
     with torch.no_grad():
         if "latents" in batch:
             latents = batch["latents"].to(device)  # (B, C, h, w), already scaled
-            features = batch["features"].to(device)  # (B, L, D)
-            text_bias = batch["text_bias"].to(device) if "text_bias" in batch else None  # flexible-mode padding
         else:
             latents = base.encode_pixels(batch["pixels"].to(device)).float()
             feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
-            features = encode_texts(data.llm, batch["text"], config.llm).float().to(device)
-            feature_cache.check_finite(features, batch["key"], "LLM features", feature_cache.llm_fix(config))
-            text_bias = llm_features.online_bias(data.llm, batch["text"], config.llm, features)
+        if "features" in batch:
+            features = batch["features"].to(device)  # (B, L, D)
+            text_bias = batch["text_bias"].to(device) if "text_bias" in batch else None  # flexible-mode padding
+        else:  # cache.mode latents or none: the captions (B,) through the resident LLM
+            features, text_bias = online.batch_features(data.llm, batch["text"], data.empty, config, batch["key"])
+            features = features.to(device)
             text_bias = text_bias.to(device) if text_bias is not None else None
     b = latents.shape[0]
     timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
