@@ -227,11 +227,14 @@ def weigh_prompt(prompt: str) -> WeightedPrompt:
     """
     texts, weights, notes = [], [], []
     for segment, weight in parse_weights(prompt):
-        for m in _EMBEDDING.finditer(segment):
-            notes.append(f"{m.group().rstrip(',')!r} is a textual-inversion embedding, which an LLM cannot read: dropped")
-        segment = _EMBEDDING.sub(_embedding_leftover, segment)
+        if "embedding:" in segment:
+            for m in _EMBEDDING.finditer(segment):
+                notes.append(f"{m.group().rstrip(',')!r} is a textual-inversion embedding, which an LLM cannot "
+                             "read: dropped")
+            segment = _EMBEDDING.sub(_embedding_leftover, segment)
         if segment:
-            _check_weight(segment, weight)
+            if weight != 1.0:
+                _check_weight(segment, weight)
             texts.append(segment)
             weights.extend([weight] * len(segment))
     text = "".join(texts)
