@@ -327,3 +327,28 @@ def text_bias(log_weights: list[float], length: int) -> torch.Tensor | None:
     bias = torch.zeros(1, length, dtype=torch.float32)
     bias[0, :len(log_weights)] = torch.tensor(log_weights, dtype=torch.float32)
     return bias
+
+
+def check_mode(mode: str) -> str:
+    """The weighting mode, `DEFAULT_MODE` for None (workflows saved before the option existed)."""
+    mode = DEFAULT_MODE if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"prompt weighting must be one of {list(MODES)}, got {mode!r}")
+    return mode
+
+
+def prepare(prompt: str, mode: str | None) -> tuple[str, WeightedPrompt | None]:
+    """(the text to hand the encoder, the weighted prompt or None): strip mode passes the prompt as it is (the
+    encoder strips the syntax); connector attention passes the weighted prompt's text, to be read verbatim."""
+    if check_mode(mode) == "strip":
+        return prompt, None
+    weighted = weigh_prompt(prompt)
+    return weighted.encoder_text(), weighted
+
+
+def bias_for(weighted: WeightedPrompt | None, tokenizer, length: int, *, mode: str = "fixed",
+             max_length: int = 128) -> torch.Tensor | None:
+    """The (1, length) text_bias of a prepared prompt for features of `length` positions; None without weights."""
+    if weighted is None or not weighted.weighted:
+        return None
+    return text_bias(token_log_weights(tokenizer, weighted, mode=mode, max_length=max_length), length)
