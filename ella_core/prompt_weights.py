@@ -253,6 +253,8 @@ def _span_log_weight(text: str, weights: list, start: int, end: int) -> float:
         return 0.0
     if any(w == 0.0 for w in chars):
         return -math.inf
+    if all(w == chars[0] for w in chars):
+        return math.log(chars[0])  # exactly log(w) (a mean of equal logs may round)
     return sum(math.log(w) for w in chars) / len(chars)
 
 
@@ -265,16 +267,22 @@ def _offsets(tokenizer, text: str):
         return None
 
 
-def _segment_log_weights(tokenizer, prompt: WeightedPrompt, count: int) -> list[float]:
-    """Without offsets: each run of equal weight tokenised alone gives how many of the content tokens it covers.
-    Where the tokenizer merges characters across a run's edge the count can be one off; tokens left over
-    at the end (or missing) are unweighted."""
+def _segment_log_weights(tokenizer, prompt: WeightedPrompt, count: int, limit: int) -> list[float]:
+    """Without offsets: the tokens of each run of equal weight are those the text up to the run's end adds
+    (its prefix tokenised alone, without trailing spaces). Exact where a prefix tokenises as the start of the
+    whole text (at spaces);
+    where the tokenizer merges characters across a run's edge ("(red:1.5)dish") a token may take its
+    neighbour's weight. Only the first `limit` tokens are placed (the rest are truncated anyway)."""
     out: list[float] = []
     start = 0
-    for end in range(1, len(prompt.text) + 1):
-        if end == len(prompt.text) or prompt.weights[end] != prompt.weights[start]:
-            n = len(tokenizer(prompt.text[start:end], add_special_tokens=False)["input_ids"])
-            out.extend([_span_log_weight(prompt.text, prompt.weights, start, end)] * n)
+    text, weights = prompt.text, prompt.weights
+    for end in range(1, len(text) + 1):
+        if len(out) >= min(count, limit):
+            break
+        if end == len(text) or weights[end] != weights[start]:
+            prefix = text[:end] if end == len(text) else text[:end].rstrip()  # a space joins the next word's token
+            n = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) - len(out)
+            out.extend([_span_log_weight(text, weights, start, end)] * max(n, 0))
             start = end
     return (out + [0.0] * count)[:count]
 
@@ -293,7 +301,7 @@ def token_log_weights(tokenizer, prompt: WeightedPrompt, *, mode: str = "fixed",
         logs = [_span_log_weight(prompt.text, prompt.weights, s, e) for s, e in offsets]
     else:
         content = list(hf(prompt.text, add_special_tokens=False)["input_ids"])
-        logs = _segment_log_weights(hf, prompt, len(content))
+        logs = _segment_log_weights(hf, prompt, len(content), max_length)
     full = list(hf(prompt.text, add_special_tokens=True)["input_ids"]) or ids
     if not count.dropped and full != ids:
         raise ValueError(f"prompt weights: the encoder's tokens of {prompt.text[:60]!r} are not the tokenizer's; "
