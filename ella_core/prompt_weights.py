@@ -26,8 +26,9 @@ import torch
 
 from .prompt_text import _NETWORK_TAG, _SPACE_BEFORE_PUNCT, _SPACE_RUN, check_prompt_text
 
-MODES = ("strip", "connector attention")  # ELLA Prompt Encode's `weighting` widget; strip is the default
-DEFAULT_MODE = "strip"
+STRIP, ATTENTION = "strip", "connector attention"
+MODES = (STRIP, ATTENTION)  # ELLA Prompt Encode's `weighting` widget
+DEFAULT_MODE = STRIP  # saved workflows render as before; the released connector never saw biased attention
 GROUP_FACTOR = 1.1  # ComfyUI's weight of a plain `(text)` group, per level
 # ComfyUI's escapes: `\)` and `\(` become these two-character stand-ins before parsing and are turned back into
 # literal parentheses in each segment afterwards (so a prompt holding the stand-ins reads the same way).
@@ -126,7 +127,8 @@ class _Parser:
         self.out.append((_unescape(self.text[a:b]), weight))
 
     def parse(self) -> list[tuple[str, float]]:
-        # Frames of ranges whose parentheses never go below their starting level: [position, end, weight].
+        # Frames [position, end, weight, whole]: ranges whose parentheses never go below their starting level;
+        # whole: an item to classify first (a group, or text as it stands), as ComfyUI classifies its items.
         frames: list[list] = []
         for a, b in reversed(_items(self.text, self.parens)):
             frames.append([a, b, 1.0, True])  # True: a top-level item, read as a whole
@@ -348,7 +350,7 @@ def check_mode(mode: str) -> str:
 def prepare(prompt: str, mode: str | None) -> tuple[str, WeightedPrompt | None]:
     """(the text to hand the encoder, the weighted prompt or None): strip mode passes the prompt as it is (the
     encoder strips the syntax); connector attention passes the weighted prompt's text, to be read verbatim."""
-    if check_mode(mode) == "strip":
+    if check_mode(mode) == STRIP:
         return prompt, None
     weighted = weigh_prompt(prompt)
     return weighted.encoder_text(), weighted

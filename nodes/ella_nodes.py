@@ -146,7 +146,8 @@ class EllaTSCEncode(io.ComfyNode):
     def validate_inputs(cls, text=None, weighting=None) -> bool | str:
         """At queue time: the prompt is valid text (a lone surrogate from a broken client is named), and its
         weights can be applied when weighting acts."""
-        return validation.verdict(validation.prompt_problem(text), *validation.widget_problems(cls, {"weighting": weighting}),
+        return validation.verdict(validation.prompt_problem(text),
+                                  *validation.widget_problems(cls, {"weighting": weighting}),
                                   validation.weights_problem(text, weighting))
 
     @classmethod

@@ -97,7 +97,8 @@ def test_probe_reads_the_attention_the_connector_computes():
     assert len(seen) == len(outputs) == module.config.layers
     for (attn, args, out), (_, probs) in zip(outputs, seen):
         W = args[0].shape[-1]
-        v = torch.nn.functional.linear(args[1], *[x.split([W, W, W])[2] for x in (attn.in_proj_weight, attn.in_proj_bias)])
+        w_v, b_v = (x.split([W, W, W])[2] for x in (attn.in_proj_weight, attn.in_proj_bias))
+        v = torch.nn.functional.linear(args[1], w_v, b_v)
         v = v.unflatten(-1, (attn.heads, W // attn.heads)).transpose(1, 2).double()
         mixed = (probs @ v).transpose(1, 2).reshape(out.shape).float()
         torch.testing.assert_close(attn.out_proj(mixed), out, atol=1e-5, rtol=1e-4)

@@ -21,7 +21,8 @@ from comfy import sd1_clip  # noqa: E402
 
 def comfy_segments(text: str) -> list[tuple[str, float]]:
     """ComfyUI's reading: the steps of SDTokenizer.tokenize_with_weights before its tokenizer runs."""
-    return [(sd1_clip.unescape_important(t), w) for t, w in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0)]
+    segments = sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0)
+    return [(sd1_clip.unescape_important(t), w) for t, w in segments]
 
 
 def same(a: list, b: list) -> bool:
