@@ -97,6 +97,8 @@ class EllaPrompt:
     connector: returns the ELLA module (a callable so a model manager can move/load it first).
     clip_tokens: optional (B, Lc, width) CLIP conditioning appended after the ELLA tokens, scaled by clip_weight.
     clip_pooled: optional (B, P) CLIP pooled output (SDXL), used when the connector has no pooled head.
+    text_bias: optional (B, L) float32 added to the text tokens' attention logits in the connector (log prompt
+    weights, ella_core.prompt_weights); None (a prompt without weights) runs the reference computation.
     Identity (not value) equality: cache keys use the object itself.
     """
 
@@ -107,6 +109,12 @@ class EllaPrompt:
     clip_weight: float = 1.0
     clip_pooled: Optional[torch.Tensor] = None
     name: str = "ELLA prompt"
+    text_bias: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.text_bias is not None and tuple(self.text_bias.shape) != tuple(self.features.shape[:2]):
+            raise ELLAShapeError(f"ELLA: the prompt's text_bias has shape {tuple(self.text_bias.shape)}, its features "
+                                 f"{tuple(self.features.shape)}: one bias per (prompt row, token) is needed")
 
     @property
     def batch(self) -> int:
@@ -191,17 +199,23 @@ class ContextCache:
             self.stats.cpu_seconds += time.thread_time() - start
 
     def _compute_rows(self, rows: list, ella: ELLA) -> list:
+        # Rows with a text bias (prompt weights) never share a forward with rows without one: a zero bias would
+        # send those through the masked attention kernel, which need not round like the unmasked one.
         by_length: dict = {}
         for n, row in enumerate(rows):
-            by_length.setdefault(row[0].features.shape[1], []).append(n)
+            by_length.setdefault((row[0].features.shape[1], row[0].text_bias is not None), []).append(n)
         out: list = [None] * len(rows)
         with torch.no_grad():
-            for members in by_length.values():
+            for (_, biased), members in by_length.items():
                 for start in range(0, len(members), self.max_rows_per_forward):
                     chunk = members[start:start + self.max_rows_per_forward]
                     projected = torch.cat([self._projected(rows[n][0], ella)[rows[n][1]:rows[n][1] + 1] for n in chunk])
                     t = torch.tensor([rows[n][2] for n in chunk], dtype=torch.float32)
-                    result = connector_forward(ella)(projected, t)  # (R, N, W)
+                    if biased:
+                        bias = torch.cat([rows[n][0].text_bias[rows[n][1]:rows[n][1] + 1] for n in chunk])
+                        result = connector_forward(ella)(projected, t, bias)  # (R, N, W)
+                    else:
+                        result = connector_forward(ella)(projected, t)  # (R, N, W)
                     self.stats.forwards += 1
                     for j, n in enumerate(chunk):
                         out[n] = result[j]

@@ -15,6 +15,7 @@ from ..ella_core import load_ella_with_metadata
 from ..ella_core.conditioning import EllaPrompt, check_context_width
 from ..ella_core.encoding_settings import settings_for_connector
 from ..ella_core.llm_loading import set_fallback_t5_tokenizer
+from ..ella_core import prompt_weights
 from ..ella_core.text_encoder import check_width, load_text_encoder
 from . import folders, hook, validation
 from .managed import DTYPE_WIDGET, ManagedConnector, ManagedTextEncoder, text_encoder_precision
@@ -126,31 +127,44 @@ class EllaTSCEncode(io.ComfyNode):
                 TextEncoderType.Input("text_encoder", tooltip="From Load ELLA Text Encoder."),
                 ELLAType.Input("ella", tooltip="From Load ELLA Connector: the connector that reads these features."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
-                                tooltip="The prompt, in natural language. (word:1.2) weights are ignored by the LLM."),
+                                tooltip="The prompt, in natural language. (word:1.2) weights: see weighting."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional CLIP: its tokens for the same text are appended after ELLA's "
                                       "(keeps LoRA trigger words and styles)."),
                 io.Float.Input("clip_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
                                tooltip="Scale of the appended CLIP tokens (only used with clip)."),
+                io.Combo.Input("weighting", options=list(prompt_weights.MODES), default=prompt_weights.DEFAULT_MODE,
+                               optional=True,
+                               tooltip="(word:1.2) in the prompt. strip: removed before the LLM, no effect (the "
+                                       "reference pack's behaviour). connector attention: ComfyUI's weight syntax "
+                                       "scales those words' attention inside the connector."),
             ],
             outputs=[io.Conditioning.Output(tooltip="Use like any CONDITIONING (KSampler, Combine, area, ControlNet).")],
         )
 
     @classmethod
-    def validate_inputs(cls, text=None) -> bool | str:
-        """At queue time: the prompt is valid text (a lone surrogate from a broken client is named)."""
-        return validation.verdict(validation.prompt_problem(text))
+    def validate_inputs(cls, text=None, weighting=None) -> bool | str:
+        """At queue time: the prompt is valid text (a lone surrogate from a broken client is named), and its
+        weights can be applied when weighting acts."""
+        return validation.verdict(validation.prompt_problem(text),
+                                  *validation.widget_problems(cls, {"weighting": weighting}),
+                                  validation.weights_problem(text, weighting))
 
     @classmethod
     def execute(cls, text_encoder: ManagedTextEncoder, ella: ManagedConnector, text: str, clip=None,
-                clip_weight: float = 1.0) -> io.NodeOutput:
+                clip_weight: float = 1.0, weighting: str | None = None) -> io.NodeOutput:
         check_width(text_encoder.hidden_size, ella.module.config.input_dim, f"'{text_encoder.name}'",
                         f"ELLA connector '{ella.name}'")
         settings, notes = settings_for_connector(ella.metadata, text_encoder.settings, f"ELLA connector '{ella.name}'",
                                                  f"text encoder '{text_encoder.name}'")
         for note in notes:
             log.warning("ELLA Prompt Encode: %s", note)
-        features = text_encoder.encode(text, settings)  # (1, L, D_llm)
+        encoder_text, weighted = prompt_weights.prepare(text, weighting)
+        for note in weighted.notes if weighted is not None else ():
+            log.warning("ELLA Prompt Encode: %s", note)
+        features = text_encoder.encode(encoder_text, settings)  # (1, L, D_llm)
+        bias = prompt_weights.bias_for(weighted, text_encoder.encoder.tokenizer, features.shape[1],
+                                       mode=settings.mode, max_length=settings.max_length)  # None: unweighted
         clip_tokens = clip_pooled = None
         if clip is not None:
             clip_tokens, clip_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
@@ -158,7 +172,8 @@ class EllaTSCEncode(io.ComfyNode):
                 raise ValueError(f"ELLA Prompt Encode: CLIP tokens have width {clip_tokens.shape[-1]} but connector "
                                  f"'{ella.name}' outputs width {ella.module.config.width}; use the CLIP of the same base model.")
         prompt = EllaPrompt(features=features, connector=ella, text=text, clip_tokens=clip_tokens,
-                            clip_weight=clip_weight, clip_pooled=clip_pooled, name=f"ELLA connector '{ella.name}'")
+                            clip_weight=clip_weight, clip_pooled=clip_pooled, name=f"ELLA connector '{ella.name}'",
+                            text_bias=bias)
         # Placeholder of the context's shape: the hook replaces it at every model call.
         tokens = ella.module.config.num_latents + (clip_tokens.shape[1] if clip_tokens is not None else 0)
         placeholder = torch.zeros(1, tokens, ella.module.config.width)

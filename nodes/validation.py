@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from ..ella_core.checkpoint import ELLACheckpointError, read_ella_metadata
 from ..ella_core.gguf_check import GGUFFileError, check_gguf_file
 from ..ella_core.prompt_text import PromptTextError, check_prompt_text
+from ..ella_core.prompt_weights import ATTENTION, PromptWeightError, weigh_prompt
 from . import folders
 
 
@@ -87,6 +88,17 @@ def prompt_problem(text: object) -> str | None:
         check_prompt_text(text, "text")
     except PromptTextError as e:
         return str(e)
+    return None
+
+
+def weights_problem(text: object, weighting: object) -> str | None:
+    """With weighting "connector attention": every weight is one the connector can apply (finite, >= 0)."""
+    if not isinstance(text, str) or weighting != ATTENTION:
+        return None
+    try:
+        weigh_prompt(text)
+    except (PromptWeightError, PromptTextError) as e:
+        return f"text: {e}"
     return None
 
 

@@ -39,7 +39,8 @@ CREATED = {
     "EllaTSCTextEncoderLoader": ([], ["model_name", "dtype", "device", "token_mode", "max_length"],
                                  [("TEXT_ENCODER", "ELLA_TSC_TEXT_ENCODER")]),
     "EllaTSCEncode": ([("text_encoder", "ELLA_TSC_TEXT_ENCODER", False), ("ella", "ELLA_TSC_CONNECTOR", False),
-                       ("clip", "CLIP", True)], ["text", "clip_weight"], [("CONDITIONING", "CONDITIONING")]),
+                       ("clip", "CLIP", True)], ["text", "clip_weight", "weighting"],
+                      [("CONDITIONING", "CONDITIONING")]),
     "EllaTSCTimestepConditioning": ([("model", "MODEL", False), ("ella", "ELLA_TSC_CONNECTOR", False)], [],
                                     [("MODEL", "MODEL")]),
     "CLIPTextEncode": ([("clip", "CLIP", False)], ["text"], [("CONDITIONING", "CONDITIONING")]),
@@ -239,7 +240,7 @@ def migrate(workflow: dict) -> tuple[dict, list[str]]:
         if embeds["encoder"]["id"] not in encoders:
             raise MigrationError(f"{name(where)}: its text encoder is {embeds['encoder']['type']}, "
                                  "not Load T5 TextEncoder #ELLA")
-        node = w.add("EllaTSCEncode", pos, [embeds["text"] or "", 1.0], title)
+        node = w.add("EllaTSCEncode", pos, [embeds["text"] or "", 1.0, "strip"], title)  # strip: as the reference
         w.connect((encoders[embeds["encoder"]["id"]]["id"], 0), node, "text_encoder")
         w.connect((connector["id"], 0), node, "ella")
         if embeds.get("text_src"):

@@ -200,8 +200,8 @@ def test_examples_and_token_count_in_browser(server, tmp_path):
     assert long["state"] == "over" and long["client_height"] > 22, long
     assert long["scroll_height"] <= long["client_height"] + 1, long
     assert long["widget_bottom"] <= long["node_height"] + 1, long
-    # The display widget is never saved: ELLA Prompt Encode still serialises [text, clip_weight].
-    assert report["tokens"]["serialized"] == [LONG_PROMPT, 1.0], report["tokens"]["serialized"]
+    # The display widget is never saved: ELLA Prompt Encode serialises [text, clip_weight, weighting].
+    assert report["tokens"]["serialized"] == [LONG_PROMPT, 1.0, "strip"], report["tokens"]["serialized"]
     assert Path(config["screenshot"]).stat().st_size > 10_000
 
 
