@@ -344,8 +344,9 @@ from devtools import tiny_models as tm
 tm.import_comfy()
 import folder_paths
 folder_paths.add_model_folder_path("ella", {str(models)!r}, is_default=True)
-from tests.nodes.inprocess import load_pack, PACK_MODULE
-load_pack()
+from devtools import comfy_env  # not tests.*: ComfyUI's own tests/ package is on sys.path now
+PACK_MODULE = "ella_pack_under_test"
+comfy_env.load_pack(PACK_MODULE)
 nodes = sys.modules[PACK_MODULE + ".nodes.ella_nodes"]
 managed = nodes.EllaTSCConnectorLoader.execute("trained.safetensors").result[0]
 from safetensors.torch import load_file
