@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ella_core.checkpoint import atomic_save_file
+from ella_core.file_modes import match_umask
 
 from .config import Config
 from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure,
@@ -77,6 +78,7 @@ def cache_dir(config: Config, vae_dtype: torch.dtype) -> Path:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    match_umask(fd)  # mkstemp's 0600 -> what open() gives under the user's umask
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
