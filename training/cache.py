@@ -65,6 +65,7 @@ def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
         "max_length": config.llm.max_length, "resolution": d.resolution, "buckets": d.buckets,
         "bucket_step": d.bucket_step, "max_aspect": d.max_aspect, "data_format": d.format,
         "data_path": d.path if isinstance(d.path, list) else str(d.path), "image_column": d.image_column,
+        "caption_extension": d.caption_extension,
         "caption_columns": list(d.caption_columns), "latent_dtype": config.cache.latent_dtype,
     }
 
