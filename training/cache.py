@@ -46,6 +46,7 @@ from .distributed import Dist
 from .errors import TrainingError
 from .models import Base, encode_texts, parse_dtype
 from .stopping import Stop
+from .validation import prompt_texts
 
 log = logging.getLogger("training")
 CACHE_VERSION = 2
@@ -362,11 +363,12 @@ def _merge(config: Config, folder: Path, base: Base, llm: Any, world: int) -> No
     empty = encode_texts(llm, [""], config.llm)  # alone, exactly as the online path encodes it
     check_finite(empty, ["''"], "LLM features of the empty prompt", llm_fix(config))
     prompts = {"empty": empty[0]}
-    if config.validation.prompts:
-        features = encode_texts(llm, config.validation.prompts, config.llm)
-        check_finite(features, [repr(p[:40]) for p in config.validation.prompts],
-                     "LLM features of the validation prompts", llm_fix(config))
-        prompts.update({prompt_key(p): f for p, f in zip(config.validation.prompts, features)})
+    texts = prompt_texts(config)  # the prompts and the negative prompt of the validation images
+    if texts:
+        features = encode_texts(llm, texts, config.llm)
+        check_finite(features, [repr(p[:40]) for p in texts], "LLM features of the validation prompts",
+                     llm_fix(config))
+        prompts.update({prompt_key(p): f for p, f in zip(texts, features)})
     atomic_save_file({k: v.float() for k, v in prompts.items()}, folder / "prompts.safetensors")
     index = {"settings": cache_settings(config, base.vae.dtype), "hidden_size": int(empty.shape[-1]),
              "entries": entries, "skipped": skips.to_dict()}
