@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from ella_core.checkpoint import atomic_save_file
 from ella_core.file_modes import match_umask
 
-from .config import Config
+from .config import Config, cache_root
 from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure,
                    make_buckets, nearest_bucket, pick_text, stream_items)
 from .distributed import Dist
@@ -59,23 +59,30 @@ def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
     """Everything the cached tensors depend on."""
     d = config.data
     return {
-        "version": CACHE_VERSION, "model": config.model.pretrained, "model_revision": config.model.revision,
+        "version": CACHE_VERSION, "model": _identity(config.model.pretrained), "model_revision": config.model.revision,
         "model_variant": config.model.variant, "vae_dtype": str(vae_dtype),
-        "llm": config.llm.source, "llm_tokenizer": config.llm.tokenizer, "llm_dtype": config.llm.dtype,
+        "llm": _identity(config.llm.source), "llm_tokenizer": _identity(config.llm.tokenizer), "llm_dtype": config.llm.dtype,
         "llm_hidden_layer": config.llm.hidden_layer, "token_mode": config.llm.token_mode,
         "max_length": config.llm.max_length, "resolution": d.resolution, "buckets": d.buckets,
         "bucket_step": d.bucket_step, "max_aspect": d.max_aspect, "data_format": d.format,
-        "data_path": d.path if isinstance(d.path, list) else str(d.path), "image_column": d.image_column,
+        "data_path": [_identity(p) for p in d.path] if isinstance(d.path, list) else _identity(str(d.path)), "image_column": d.image_column,
         "caption_extension": d.caption_extension,
         "caption_columns": list(d.caption_columns), "latent_dtype": config.cache.latent_dtype,
     }
 
 
+def _identity(value: Optional[str]) -> Optional[str]:
+    """A local path as an absolute one (caches are shared between runs started in other folders); hub ids,
+    URLs and patterns unchanged."""
+    if value and Path(value).expanduser().exists():
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 def cache_dir(config: Config, vae_dtype: torch.dtype) -> Path:
     settings = cache_settings(config, vae_dtype)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(config.cache.dir) if config.cache.dir else Path(config.output_dir) / "cache"
-    return root / digest
+    return cache_root(config) / digest
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

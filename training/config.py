@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class ConnectorConfig:
 @dataclass
 class CacheConfig:
     enabled: bool = True  # precompute VAE latents and LLM features once; the LLM is then not loaded to train
-    dir: Optional[str] = None  # None: <output_dir>/cache; the settings' hash names a subfolder
+    dir: Optional[str] = None  # None: $ELLA_TSC_CACHE_DIR or ~/.cache/ella-tsc/features, shared by runs; "{output_dir}/cache" per run; a hash of the settings names a subfolder
     shard_size: int = 256  # samples per safetensors shard
     latent_dtype: str = "float32"  # dtype of the stored VAE latents
 
@@ -299,14 +300,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_value(key: str, raw: str) -> Any:
-    """One override's value. `[...]`/`{...}` and quoted values are YAML flow syntax (`["a, b", "c"]` is two
-    items); an invalid one is refused, never read as text. Anything else is a YAML scalar when it is one
-    (numbers, true/false, null) and otherwise the text exactly as given: `a cat, sitting: #1` is one string
-    (for a list key, one item), its commas, colons and `#` kept."""
+    """One override's value. `[...]` and quoted values are YAML flow syntax (`["a, b", "c"]` is two items); an
+    invalid one is refused, never read as text. Anything else is a YAML scalar when it is one (numbers,
+    true/false, null) and otherwise the text exactly as given: `a cat, sitting: #1` is one string (for a list
+    key, one item), its commas, colons and `#` kept; so is `{output_dir}/cache` (no key takes a mapping)."""
     text = raw.strip()
     if text == "":
         return None
-    if text[0] in "[{\"'":
+    if text[0] in "[\"'":
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -451,6 +452,16 @@ def extension_problems(value: Union[str, list[str]]) -> list[str]:
     if not items or any(not i.strip() or i.strip() in (".",) or "/" in i or "\\" in i for i in items):
         return [f"data.caption_extension={value!r}: a file suffix such as .txt or .caption (or a list of them)"]
     return []
+
+
+def cache_root(config: Config) -> Path:
+    """Where feature caches live. Shared by default, so runs with other output_dirs but the same data and
+    settings reuse a cache (the subfolder is a hash of the settings); `{output_dir}` in cache.dir is replaced."""
+    if config.cache.dir:
+        return Path(config.cache.dir.replace("{output_dir}", config.output_dir)).expanduser()
+    if os.environ.get("ELLA_TSC_CACHE_DIR"):
+        return Path(os.environ["ELLA_TSC_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ella-tsc" / "features"
 
 
 def _resolved_format(d: DataConfig) -> str:
