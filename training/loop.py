@@ -289,16 +289,18 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                     data.skipped.examples[:3])
 
     # the held-out samples (never trained on) and the length of the run
-    keys = [sample_key(data, i) for i in range(len(data.dataset))]
-    require_full_batch(len(keys), config, dist.world, f"data.path {config.data.path}")
-    train_indices, held_indices = split_holdout(keys, config.validation.holdout, config.seed)
+    require_full_batch(len(data.dataset), config, dist.world, f"data.path {config.data.path}")
+    train_indices, held_indices = range(len(data.dataset)), []
+    if config.validation.holdout:
+        keys = [sample_key(data, i) for i in range(len(data.dataset))]
+        train_indices, held_indices = split_holdout(keys, config.validation.holdout, config.seed)
     heldout = HeldOut(data, held_indices, config) if held_indices else None
     if heldout is not None:
         log.info("validation loss on %d held-out samples (listed in %s), trained on the other %d", len(heldout),
                  out / "holdout.txt", len(train_indices))
         if dist.is_main:
             (out / "holdout.txt").write_text("".join(keys[i] + "\n" for i in held_indices))
-    train_buckets = [data.buckets[i] for i in train_indices]
+    train_buckets = [data.buckets[i] for i in train_indices] if held_indices else data.buckets
     train_dataset = TrainingSubset(data.dataset, train_indices) if held_indices else data.dataset
     batches_per_epoch = len(epoch_batches(train_buckets, t.batch_size * dist.world, config.seed, 0))
     total = run_length(t, batches_per_epoch)

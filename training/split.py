@@ -1,13 +1,14 @@
 """Which samples train and which are held out for the validation loss, and whether there are enough to train.
 
 The held-out samples are chosen by a hash of each sample's key and the run seed, not by position, so the split
-is the same whatever the number of processes, with or without the cache, and a sample keeps its side when
-others are added to the source. They are never trained on: the training order is planned over the rest.
+is the same whatever the number of processes, with or without the cache, and in any source order. They are
+never trained on: the training order is planned over the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from typing import Any, Sequence, Union
 
 import torch
@@ -30,8 +31,8 @@ def split_holdout(keys: Sequence[str], holdout: Union[int, float], seed: int) ->
     n_held = holdout_count(holdout, len(keys))
     if n_held == 0:
         return list(range(len(keys))), []
-    order = sorted(range(len(keys)), key=lambda i: (hashlib.sha256(f"{seed}/{keys[i]}".encode()).digest(), i))
-    held = set(order[:n_held])
+    held = set(heapq.nsmallest(n_held, range(len(keys)),
+                               key=lambda i: (hashlib.sha256(f"{seed}/{keys[i]}".encode()).digest(), i)))
     return [i for i in range(len(keys)) if i not in held], sorted(held)
 
 

@@ -332,3 +332,63 @@ def test_a_relative_data_path_names_its_own_cache_in_each_folder(tmp_path, monke
         monkeypatch.chdir(tmp_path / name)
         folders.append(cache_dir(load_config(None, REQUIRED + ["data.path=data"]), torch.float32))
     assert folders[0] != folders[1]
+
+
+# ---------------------------------------------------------------- the held-out split
+@pytest.mark.parametrize("n, holdout, expected", [(100, 10, 10), (100, 0.05, 5), (100, 0.001, 1), (7, 0.5, 4),
+                                                  (50, 0, 0), (3, 1, 1)])
+def test_holdout_sizes(n, holdout, expected):
+    from training.split import split_holdout
+
+    keys = [f"k{i}" for i in range(n)]
+    train, held = split_holdout(keys, holdout, seed=0)
+    assert len(held) == expected and sorted(train + held) == list(range(n)) and not set(train) & set(held)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_the_split_depends_on_keys_and_seed_only(seed):
+    import random as rnd
+
+    from training.split import split_holdout
+
+    keys = [f"images/{i:05d}.png" for i in range(300)]
+    _, held = split_holdout(keys, 0.1, seed)
+    chosen = {keys[i] for i in held}
+    for trial in range(5):
+        shuffled = keys[:]
+        rnd.Random(trial).shuffle(shuffled)
+        _, again = split_holdout(shuffled, 0.1, seed)
+        assert {shuffled[i] for i in again} == chosen  # any source order, so any sharding of it
+    _, other = split_holdout(keys, 0.1, seed + 100)
+    assert {keys[i] for i in other} != chosen
+
+
+def test_a_changed_holdout_is_reported_on_resume(tmp_path):
+    from training.config import result_changes
+
+    saved = _config(tmp_path, "validation.holdout=10").to_dict()
+    assert result_changes(saved, _config(tmp_path, "validation.holdout=10")) == []
+    assert result_changes(saved, _config(tmp_path, "validation.holdout=20")) == ["validation.holdout: 10 -> 20"]
+    assert result_changes(saved, _config(tmp_path, "validation.holdout=10", "validation.every=5",
+                                         "train.report_to=none")) == []
+
+
+def test_held_out_samples_are_never_in_a_training_batch():
+    from training.data import BatchPlan
+    from training.split import TrainingSubset, split_holdout
+
+    class Whole(torch.utils.data.Dataset):
+        def __getitem__(self, item):
+            return item[0]
+
+    keys = [f"{i}.png" for i in range(41)]
+    buckets = [(32, 32) if i % 3 else (32, 64) for i in range(41)]
+    train, held = split_holdout(keys, 6, seed=3)
+    subset = TrainingSubset(Whole(), train)
+    for world in (1, 2, 3):
+        seen = set()
+        for rank in range(world):
+            plan = iter(BatchPlan([buckets[i] for i in train], 2, world, rank, seed=0))
+            for _ in range(40):  # several epochs
+                seen |= {subset[(i, s)] for i, s in next(plan)}
+        assert seen and not seen & set(held) and seen <= set(train)
