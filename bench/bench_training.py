@@ -88,7 +88,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llm", choices=("smollm2", "t5xl"), default="smollm2")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--split", action="store_true", help="only the held-out split and pre-cache listing costs")
     args = parser.parse_args()
+    if args.split:
+        from bench.training_split import measure
+
+        print("\n".join(measure()))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
