@@ -300,14 +300,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_value(key: str, raw: str) -> Any:
-    """One override's value. `[...]` and quoted values are YAML flow syntax (`["a, b", "c"]` is two items); an
-    invalid one is refused, never read as text. Anything else is a YAML scalar when it is one (numbers,
-    true/false, null) and otherwise the text exactly as given: `a cat, sitting: #1` is one string (for a list
-    key, one item), its commas, colons and `#` kept; so is `{output_dir}/cache` (no key takes a mapping)."""
+    """One override's value. `[...]`, `{...}` and quoted values are YAML flow syntax (`["a, b", "c"]` is two
+    items); an invalid one is refused, never read as text. Anything else is a YAML scalar when it is one
+    (numbers, true/false, null) and otherwise the text exactly as given: `a cat, sitting: #1` is one string
+    (for a list key, one item), its commas, colons and `#` kept; so is `{output_dir}/cache` (not a whole
+    `{...}`)."""
     text = raw.strip()
     if text == "":
         return None
-    if text[0] in "[\"'":
+    if text[0] in "[\"'" or (text[0] == "{" and text[-1] == "}"):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -35,7 +35,7 @@ def _config(tmp_path: Path, *overrides: str) -> Config:
     ('"quoted, one"', ["quoted, one"]),
     ("[]", []),
     ("single", ["single"]),
-    ("{braces} stay text", ["{braces} stay text"]),
+    ("{braces} stay text", ["{braces} stay text"]),  # not a whole {...}: text
 ])
 def test_list_overrides_parse_as_documented(tmp_path, raw, prompts):
     assert _config(tmp_path, f"validation.prompts={raw}").validation.prompts == prompts
@@ -46,6 +46,7 @@ def test_list_overrides_parse_as_documented(tmp_path, raw, prompts):
     ('["a" "b"]', "not valid YAML flow syntax"),  # a missing comma
     ("[a: b, c]", "validation.prompts"),  # a mapping inside the list: not text
     ("[1, [2]]", "validation.prompts"),
+    ("{a: 1}", "validation.prompts"),
 ])
 def test_malformed_list_overrides_are_refused_with_the_key(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message) as info:
