@@ -19,8 +19,8 @@ from typing import Any, Iterator, Optional
 
 from .config import Config
 
-# flag of diffusers' train_text_to_image.py / kohya's sd-scripts -> (our key, value to suggest or None to
-# pass the flag's own value, and a note when the meaning differs)
+# flag of diffusers' train_text_to_image.py / kohya's sd-scripts -> (our key, the value to suggest: None for the
+# flag's own value, a template with {value}, or a fixed value for switches; a note when the meaning differs)
 FOREIGN_FLAGS: dict[str, tuple[str, Optional[str], str]] = {
     "pretrained_model_name_or_path": ("model.pretrained", None, ""),
     "pretrained_model": ("model.pretrained", None, ""),
@@ -45,8 +45,8 @@ FOREIGN_FLAGS: dict[str, tuple[str, Optional[str], str]] = {
     "lr": ("optim.lr", None, ""),
     "lr_scheduler": ("optim.schedule", None, "constant, cosine or linear"),
     "lr_warmup_steps": ("optim.warmup_steps", None, ""),
-    "adam_beta1": ("optim.betas", None, "both betas as a list, e.g. [0.9, 0.999]"),
-    "adam_beta2": ("optim.betas", None, "both betas as a list, e.g. [0.9, 0.999]"),
+    "adam_beta1": ("optim.betas", "[{value}, 0.999]", "both betas as a list"),
+    "adam_beta2": ("optim.betas", "[0.9, {value}]", "both betas as a list"),
     "adam_weight_decay": ("optim.weight_decay", None, ""),
     "adam_epsilon": ("optim.eps", None, ""),
     "max_grad_norm": ("optim.max_grad_norm", None, ""),
@@ -147,7 +147,10 @@ def suggest(name: str, value: Optional[str] = None) -> str:
     value_text = "<value>" if value is None else value
     if bare in FOREIGN_FLAGS:
         key, fixed, note = FOREIGN_FLAGS[bare]
-        shown = fixed if fixed is not None and (value is None or fixed in ("true", "false")) else value_text
+        if fixed is not None and "{value}" in fixed:
+            shown = fixed.format(value=value_text)
+        else:
+            shown = fixed if fixed is not None and (value is None or fixed in ("true", "false")) else value_text
         return f"did you mean {key}={shown}?" + (f" ({note})" if note else "")
     keys = all_keys()
     leaf = {k.rsplit(".", 1)[-1]: k for k in keys}

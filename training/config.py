@@ -520,7 +520,8 @@ def result_changes(saved: dict[str, Any], current: Config, saved_world: int = 1,
     """`key: old -> new` for the settings that differ from a checkpoint's and change what is trained.
     max_steps counts only when it moves the lr schedule's end (schedule_steps unset, schedule not constant);
     batch_size only when batch_size x processes (the global micro-batch) changes."""
-    old, new = _flatten(saved), _flatten(current.to_dict())
+    # keys a checkpoint predates are compared as their defaults (they were added with the earlier behaviour)
+    old, new = {**_flatten(Config().to_dict()), **_flatten(saved)}, _flatten(current.to_dict())
     changes = []
     for key in sorted(set(old) | set(new)):
         if (key.startswith(RESULT_NEUTRAL) and key not in RESULT_CHANGING) or old.get(key) == new.get(key):
