@@ -59,11 +59,12 @@ class HeldOut:
         self.data, self.config = data, config
         self.dataset = _eval_dataset(data, config)
         self.seeds = {i: heldout_seed(config.validation.seed, sample_key(data, i)) for i in indices}
-        by_bucket = itertools.groupby(sorted(indices, key=lambda i: (tuple(data.buckets[i]), i)),
-                                      key=lambda i: tuple(data.buckets[i]))
         size = config.train.batch_size
-        self.batches = [members[j:j + size] for _, group in by_bucket for members in [list(group)]
-                        for j in range(0, len(members), size)]
+        self.batches: list[list[int]] = []
+        ordered = sorted(indices, key=lambda i: (tuple(data.buckets[i]), i))
+        for _, group in itertools.groupby(ordered, key=lambda i: tuple(data.buckets[i])):
+            members = list(group)
+            self.batches.extend(members[j:j + size] for j in range(0, len(members), size))
 
     def __len__(self) -> int:
         return len(self.seeds)

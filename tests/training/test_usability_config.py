@@ -406,3 +406,20 @@ def test_held_out_samples_are_never_in_a_training_batch():
             for _ in range(40):  # several epochs
                 seen |= {subset[(i, s)] for i, s in next(plan)}
         assert seen and not seen & set(held) and seen <= set(train)
+
+
+def test_held_out_batches_are_single_bucket_and_cover_each_sample_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from training.validation import HeldOut
+
+    buckets = [(32, 32), (32, 64), (64, 32)]
+    data = SimpleNamespace(buckets=[buckets[i % 3] for i in range(30)], cache=SimpleNamespace(
+        entries=[{"key": f"{i}.png"} for i in range(30)]), dataset=None)
+    config = load_config(None, REQUIRED + ["data.path=.", "train.batch_size=4", "cache.enabled=true"])
+    monkeypatch.setattr("training.validation._eval_dataset", lambda data, config: None)  # batching alone
+    held = HeldOut(data, [0, 1, 2, 3, 5, 8, 9, 12, 15, 18, 21, 24, 27, 29], config)
+    flat = [i for b in held.batches for i in b]
+    assert sorted(flat) == [0, 1, 2, 3, 5, 8, 9, 12, 15, 18, 21, 24, 27, 29]
+    assert all(len({data.buckets[i] for i in b}) == 1 and len(b) <= 4 for b in held.batches)
+    assert len(set(held.seeds.values())) == len(flat)  # each sample its own fixed seed
