@@ -14,7 +14,7 @@ from typing import Any, Sequence, Union
 import torch
 
 from .config import Config, DataConfig
-from .data import Record, stream_items
+from .data import Record, detect_format, stream_items
 from .errors import TrainingError
 
 
@@ -51,10 +51,13 @@ def require_full_batch(usable: int, config: Config, world: int, where: str) -> N
 
 
 def check_source_size(config: Config, world: int) -> None:
-    """Before the cache pass: lists the source until one global batch (plus the held-out samples) is found,
-    so a data set that is too small is reported in the time of a listing, not after encoding it. Only small
-    sources are listed to the end."""
+    """Before the cache pass: lists a folder or manifest until one global batch (plus the held-out samples) is
+    found, so a data set that is too small is reported in the time of a listing, not after encoding it. Only
+    small sources are listed to the end. Tar shards are not read twice for this (they may be downloads): a
+    too small webdataset is reported after the cache pass."""
     d: DataConfig = config.data
+    if (d.format if d.format != "auto" else detect_format(d.path)) == "webdataset":
+        return
     need = config.train.batch_size * world
     usable = rejected = 0
     for item in stream_items(d):
