@@ -95,7 +95,13 @@ def main() -> None:
     parser.add_argument("--online", action="store_true", help="cache.mode full vs latents vs none, both LLMs "
                         "(bench/training_online.py) instead of the split below")
     parser.add_argument("--t5-layers", type=int, default=24, help="--online: layers of the T5-XL-shaped encoder")
+    parser.add_argument("--split", action="store_true", help="only the held-out split and pre-cache listing costs")
     args = parser.parse_args()
+    if args.split:
+        from bench.training_split import measure
+
+        print("\n".join(measure()))
+        return
     if args.cache_storage:
         from training_cache import report
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import BASE_CONTEXT_WIDTH, ELLAConfig
 from .connector import ELLA
+from .file_modes import match_umask
 from .state_dicts import layout_problems
 
 FORMAT = "ella-connector"
@@ -336,6 +337,7 @@ def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, os.Pa
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        match_umask(tmp)  # mkstemp made it 0600: readable by the user's group/others as the umask allows
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -45,16 +45,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ella_core.checkpoint import atomic_save_file
+from ella_core.file_modes import match_umask
 
 from . import features as llm_features
 from .cache_index import RECORD, CacheIndex, IndexBehind, RankIndexWriter, record_rows, records_name, row_entry
-from .config import Config
+from .config import Config, cache_root
 from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure,
                    make_buckets, nearest_bucket, pick_text, stream_items)
 from .distributed import Dist
 from .errors import TrainingError
 from .models import Base, encode_texts, parse_dtype
 from .stopping import Stop
+from .validation import prompt_texts
 
 log = logging.getLogger("training")
 CACHE_VERSION = 3  # 3: features in the LLM dtype, flexible mode unpadded, per-rank memory-mapped index
@@ -71,13 +73,14 @@ def cache_settings(config: Config, vae_dtype: torch.dtype) -> dict[str, Any]:
     features, so it does not depend on the LLM settings: runs with other LLMs share it."""
     d = config.data
     settings = {
-        "version": CACHE_VERSION, "model": config.model.pretrained, "model_revision": config.model.revision,
+        "version": CACHE_VERSION, "model": _identity(config.model.pretrained), "model_revision": config.model.revision,
         "model_variant": config.model.variant, "vae_dtype": str(vae_dtype),
-        "llm": config.llm.source, "llm_tokenizer": config.llm.tokenizer, "llm_dtype": config.llm.dtype,
+        "llm": _identity(config.llm.source), "llm_tokenizer": _identity(config.llm.tokenizer), "llm_dtype": config.llm.dtype,
         "llm_hidden_layer": config.llm.hidden_layer, "token_mode": config.llm.token_mode,
         "max_length": config.llm.max_length, "resolution": d.resolution, "buckets": d.buckets,
         "bucket_step": d.bucket_step, "max_aspect": d.max_aspect, "data_format": d.format,
-        "data_path": d.path if isinstance(d.path, list) else str(d.path), "image_column": d.image_column,
+        "data_path": [_identity(p) for p in d.path] if isinstance(d.path, list) else _identity(str(d.path)), "image_column": d.image_column,
+        "caption_extension": d.caption_extension,
         "caption_columns": list(d.caption_columns), "latent_dtype": config.cache.latent_dtype,
     }
     if not caches_features(config):
@@ -90,15 +93,23 @@ def caches_features(config: Config) -> bool:
     return config.cache.mode == "full"
 
 
+def _identity(value: Optional[str]) -> Optional[str]:
+    """A local path as an absolute one (caches are shared between runs started in other folders); hub ids,
+    URLs and patterns unchanged."""
+    if value and Path(value).expanduser().exists():
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 def cache_dir(config: Config, vae_dtype: torch.dtype) -> Path:
     settings = cache_settings(config, vae_dtype)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(config.cache.dir) if config.cache.dir else Path(config.output_dir) / "cache"
-    return root / digest
+    return cache_root(config) / digest
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    match_umask(fd)  # mkstemp's 0600 -> what open() gives under the user's umask
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -431,12 +442,13 @@ def _write_prompts(config: Config, folder: Path, llm: Any) -> int:
     empty = encode_texts(llm, [""], config.llm)  # alone, exactly as the online path encodes it
     check_finite(empty, ["''"], "LLM features of the empty prompt", llm_fix(config))
     prompts = {"empty": llm_features.for_storage(llm, [""], empty, config.llm)[0]}
-    if config.validation.prompts:
-        features = encode_texts(llm, config.validation.prompts, config.llm)
-        check_finite(features, [repr(p[:40]) for p in config.validation.prompts],
-                     "LLM features of the validation prompts", llm_fix(config))
-        stored = llm_features.for_storage(llm, config.validation.prompts, features, config.llm)
-        prompts.update({prompt_key(p): f for p, f in zip(config.validation.prompts, stored)})
+    texts = prompt_texts(config)  # the prompts and the negative prompt of the validation images
+    if texts:
+        features = encode_texts(llm, texts, config.llm)
+        check_finite(features, [repr(p[:40]) for p in texts], "LLM features of the validation prompts",
+                     llm_fix(config))
+        stored = llm_features.for_storage(llm, texts, features, config.llm)
+        prompts.update({prompt_key(p): f for p, f in zip(texts, stored)})
     atomic_save_file(prompts, folder / "prompts.safetensors")
     return int(empty.shape[-1])
 

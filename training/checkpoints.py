@@ -28,9 +28,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as tdist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ella_core import ELLA, load_ella, save_ella
+from ella_core.checkpoint import atomic_save_file
 
 from .distributed import Dist
 from .errors import TrainingError
@@ -169,7 +170,7 @@ def save_checkpoint(root: Path, step: int, ella: ELLA, metadata: dict[str, Any],
     try:
         save_ella(ella, tmp / "connector.safetensors", metadata)
         if ema_shadow is not None:
-            save_file({k: v.contiguous() for k, v in ema_shadow.items()}, str(tmp / "ema.safetensors"))
+            atomic_save_file(ema_shadow, tmp / "ema.safetensors")  # safetensors' own save_file makes 0600 files
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"world": dist.world, "ranks": rngs}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))

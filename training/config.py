@@ -8,7 +8,10 @@ text encoder, what connector, what data, how to optimise, how to train, what to 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ class ModelConfig:
     base: str = "auto"  # "sd15" | "sdxl" | "auto" (SDXL when the UNet takes text_time added conditioning)
     single_file_config: Optional[str] = None  # diffusers config folder/hub id for from_single_file (offline use)
     prediction_type: Optional[str] = None  # "epsilon" | "v_prediction"; None: the scheduler's own
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) of model.pretrained
     variant: Optional[str] = None  # e.g. "fp16" weights in a hub repo
     vae_dtype: Optional[str] = None  # None: the mixed-precision dtype; float32 for SDXL's VAE (overflows in fp16)
 
@@ -32,22 +35,22 @@ class ModelConfig:
 @dataclass
 class LLMConfig:
     source: str = "google/flan-t5-xl"  # anything ella_core.load_text_encoder loads
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = None  # tokenizer folder/hub id; None: the one beside llm.source
     dtype: str = "float16"  # the released connector was trained with fp16 T5
     hidden_layer: Optional[int] = None  # None: last hidden state
     token_mode: str = "fixed"  # fixed length (pad/truncate) as in the paper
-    max_length: int = 128
+    max_length: int = 128  # tokens per caption (paper: 128)
     device: Optional[str] = None  # None: the training device
 
 
 @dataclass
 class ConnectorConfig:
     init_from: Optional[str] = None  # existing connector (.safetensors) to fine-tune; None: from scratch
-    layers: int = 6
-    heads: int = 8
-    num_latents: int = 64
-    time_channel: int = 320
-    time_embed_dim: int = 768
+    layers: int = 6  # Perceiver blocks
+    heads: int = 8  # attention heads per block
+    num_latents: int = 64  # output tokens (the UNet context length)
+    time_channel: int = 320  # sinusoidal timestep features
+    time_embed_dim: int = 768  # timestep embedding width (modulates the layer norms)
 
 
 @dataclass
@@ -57,10 +60,10 @@ class CacheConfig:
     # latents: VAE latents and the captions; the LLM stays on each process's device and encodes every batch
     # none: nothing; the VAE and the LLM run on every batch (image folders and manifests, not tar shards)
     # The old `enabled: true|false` still reads as mode full|none.
-    mode: str = "full"
-    dir: Optional[str] = None  # None: <output_dir>/cache; the settings' hash names a subfolder
+    mode: str = "full"  # full | latents | none: what is cached and what runs on every batch (docs/training.md)
+    dir: Optional[str] = None  # None: $ELLA_TSC_CACHE_DIR or ~/.cache/ella-tsc/features, shared by runs; "{output_dir}/cache" per run; a hash of the settings names a subfolder
     shard_size: int = 256  # samples per safetensors shard
-    latent_dtype: str = "float32"
+    latent_dtype: str = "float32"  # dtype of the stored VAE latents
     open_shards: int = 16  # shard files a reader keeps open (per DataLoader worker), least recently used closed
 
     @property
@@ -74,6 +77,7 @@ class DataConfig:
     format: str = "auto"  # "folder" | "jsonl" | "csv" | "webdataset" | "auto" (from the path)
     path: Union[str, list[str]] = ""  # folder, manifest file, or tar shards: a list, a brace pattern, or URLs
     image_column: str = "image"  # jsonl/csv: column holding the image path (relative to the manifest)
+    caption_extension: Union[str, list[str]] = ".txt"  # folders: caption file beside each image (kohya: .caption); a list: the first that exists
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])  # one or more caption columns
     caption_rule: str = "random"  # "random" | "first" | "longest" | "weighted"
     caption_weights: Optional[list[float]] = None  # "weighted": weight per caption position
@@ -81,36 +85,39 @@ class DataConfig:
     resolution: int = 512  # bucket area is about resolution^2
     buckets: bool = True  # aspect-ratio buckets; False: centre square crops
     bucket_step: int = 64  # bucket sides are multiples of this
-    max_aspect: float = 2.0
-    num_workers: int = 0
+    max_aspect: float = 2.0  # longest bucket side over the shortest
+    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-4  # paper: 1e-4 for SD1.5, 1e-5 for SDXL
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: Optional[float] = 1.0
+    weight_decay: float = 0.01  # AdamW (paper: 0.01)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW beta1, beta2
+    eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping; null: none
     schedule: str = "constant"  # "constant" | "cosine" | "linear" (after warmup)
-    warmup_steps: int = 0
-    schedule_steps: Optional[int] = None  # length of the decay; None: train.max_steps
+    warmup_steps: int = 0  # linear warm-up from 0 to optim.lr
+    schedule_steps: Optional[int] = None  # length of the decay; None: the run's length (max_steps or max_epochs)
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 8  # per process and micro-step
-    grad_accum: int = 1
-    max_steps: int = 10000  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: Optional[int] = 10000  # optimizer steps; with max_epochs whichever ends first; null: max_epochs alone
+    max_epochs: Optional[int] = None  # passes over the training samples; null: max_steps alone
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (frozen models run in it; connector master weights fp32)
     gradient_checkpointing: bool = False  # of the frozen UNet
     compile: bool = False  # torch.compile the connector
     min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023)
-    noise_offset: float = 0.0
+    noise_offset: float = 0.0  # offset noise strength (0: none)
     ema_decay: Optional[float] = None  # e.g. 0.9999; None: no EMA
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # steps between resumable checkpoints
     keep_checkpoints: int = 3  # 0: keep all
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics records
+    report_to: str = "tensorboard"  # "tensorboard" | "wandb" | "none" (metrics.jsonl is always written)
+    wandb_project: str = "ella-tsc"  # report_to=wandb: the project (WANDB_MODE=offline etc. are honoured)
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     device: Optional[str] = None  # None: cuda:<local rank> when available, else cpu
     backend: Optional[str] = None  # torch.distributed backend; None: nccl on cuda, gloo on cpu
@@ -119,19 +126,22 @@ class TrainConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 0  # steps; 0: never
-    prompts: list[str] = field(default_factory=list)
-    steps: int = 25
-    guidance_scale: float = 7.5
+    every: int = 0  # steps between validations (loss and images); 0: never
+    holdout: Union[int, float] = 0  # samples kept out of training for val/loss: a count, or a fraction below 1
+    prompts: list[str] = field(default_factory=list)  # prompts of the validation images
+    negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance ("" as trained)
+    images_per_prompt: int = 1  # images sampled per prompt (different noise)
+    steps: int = 25  # DDIM steps of the validation images
+    guidance_scale: float = 7.5  # classifier-free guidance scale
     height: Optional[int] = None  # None: data.resolution
-    width: Optional[int] = None
-    seed: int = 0
+    width: Optional[int] = None  # None: data.resolution
+    seed: int = 0  # noise of the images, and the held-out samples' fixed noise and timesteps
 
 
 @dataclass
 class Config:
-    output_dir: str = "runs/ella"
-    seed: int = 0
+    output_dir: str = "runs/ella"  # checkpoints, ella.safetensors, logs, metrics
+    seed: int = 0  # data order, caption choice, noise and the initial connector
     model: ModelConfig = field(default_factory=ModelConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
@@ -167,14 +177,16 @@ _CHOICES = {
     "optim.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.backend": ("nccl", "gloo", "mpi", "ucc"),
+    "train.report_to": ("tensorboard", "wandb", "none"),
 }
 _POSITIVE = ["train.batch_size", "train.grad_accum", "train.max_steps", "train.checkpoint_every", "train.log_every",
              "data.resolution", "data.bucket_step", "llm.max_length", "cache.shard_size", "cache.open_shards", "connector.layers",
              "connector.heads", "connector.num_latents", "connector.time_channel", "connector.time_embed_dim",
              "optim.eps", "optim.max_grad_norm", "optim.schedule_steps", "train.min_snr_gamma",
-             "train.collective_timeout_s", "validation.steps", "validation.height", "validation.width"]
+             "train.collective_timeout_s", "validation.steps", "validation.height", "validation.width",
+             "train.max_epochs", "validation.images_per_prompt"]
 _NON_NEGATIVE = ["optim.lr", "optim.weight_decay", "optim.warmup_steps", "train.noise_offset",
-                 "train.keep_checkpoints", "data.num_workers", "validation.every"]
+                 "train.keep_checkpoints", "data.num_workers", "validation.every", "validation.holdout"]
 _REQUIRED = {  # empty values that cannot work, and what to put there
     "output_dir": "a folder for checkpoints and the final connector",
     "model.pretrained": "a diffusers folder, a hub id or a single-file checkpoint",
@@ -255,8 +267,11 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        from .cli import suggest  # the table of other trainers' flag names
+
+        advice = [h for h in (suggest(f"{where}{k}", _shown(data[k])) for k in unknown) if h]
         errors.append(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; known in "
-                      f"{where.rstrip('.') or 'the top level'}: {sorted(fields)}")
+                      f"{where.rstrip('.') or 'the top level'}: {sorted(fields)}" + "".join(f"; {h}" for h in advice))
     values = {}
     for name, value in data.items():
         if name not in fields:
@@ -273,6 +288,10 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         except (TypeError, ValueError):
             errors.append(f"{where}{name}={value!r}: must be {_type_name(tp)}")
     return cls(**values)
+
+
+def _shown(value: Any) -> Optional[str]:
+    return None if isinstance(value, dict) else json.dumps(value) if not isinstance(value, str) else value
 
 
 def _get(config: Config, dotted: str) -> Any:
@@ -292,8 +311,31 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def parse_value(key: str, raw: str) -> Any:
+    """One override's value. `[...]`, `{...}` and quoted values are YAML flow syntax (`["a, b", "c"]` is two
+    items); an invalid one is refused, never read as text. Anything else is a YAML scalar when it is one
+    (numbers, true/false, null) and otherwise the text exactly as given: `a cat, sitting: #1` is one string
+    (for a list key, one item), its commas, colons and `#` kept; so is `{output_dir}/cache` (not a whole
+    `{...}`)."""
+    text = raw.strip()
+    if text == "":
+        return None
+    if text[0] in "[\"'" or (text[0] == "{" and text[-1] == "}"):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {key}={raw}: not valid YAML flow syntax ({problem}); write lists as "
+                              f"{key}='[\"first, with a comma\", second]' (quoted for the shell)") from e
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if value is None or isinstance(value, (bool, int, float)) else text
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """["train.max_steps=5", "data.path=x"] -> nested dict; values parsed as YAML (numbers, lists, null)."""
+    """["train.max_steps=5", "data.path=x"] -> nested dict; values by `parse_value`."""
     tree: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -302,11 +344,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip().lstrip("-")
         if key == "resume":  # convenience: resume=latest
             key = "train.resume"
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw  # e.g. "a: b" or "[unclosed": kept as text, the schema then judges it
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, parse_value(key, raw))
     return tree
 
 
@@ -413,6 +451,15 @@ def problems(config: Config) -> list[str]:
         errors.append(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         errors.append(f"train.ema_decay={t.ema_decay} must be in (0, 1)")
+    if t.max_steps is None and t.max_epochs is None:
+        errors.append("train.max_steps and train.max_epochs are both null: set one (the run ends at the first reached)")
+    errors += extension_problems(d.caption_extension)
+    holdout = config.validation.holdout
+    if isinstance(holdout, float) and not holdout < 1.0:
+        errors.append(f"validation.holdout={holdout}: a count (integer) or a fraction below 1, e.g. 100 or 0.01")
+    if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        errors.append("train.report_to=wandb needs the wandb package, which is not installed: pip install wandb "
+                      "(or train.report_to=tensorboard / none)")
     if config.connector.time_channel % 2:
         errors.append(f"connector.time_channel={config.connector.time_channel} must be even (sin and cos halves)")
     for dotted in ("validation.height", "validation.width"):
@@ -426,6 +473,29 @@ def problems(config: Config) -> list[str]:
                       "cache.mode=latents so they are read once into the cache")
     errors += _missing_paths(config)
     return errors
+
+
+def caption_extensions(value: Union[str, list[str]]) -> list[str]:
+    """data.caption_extension as the list of suffixes to try, each with its dot ("caption" -> ".caption")."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [e if e.startswith(".") else f".{e}" for e in (i.strip() for i in items)]
+
+
+def extension_problems(value: Union[str, list[str]]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not items or any(not i.strip() or i.strip() in (".",) or "/" in i or "\\" in i for i in items):
+        return [f"data.caption_extension={value!r}: a file suffix such as .txt or .caption (or a list of them)"]
+    return []
+
+
+def cache_root(config: Config) -> Path:
+    """Where feature caches live. Shared by default, so runs with other output_dirs but the same data and
+    settings reuse a cache (the subfolder is a hash of the settings); `{output_dir}` in cache.dir is replaced."""
+    if config.cache.dir:
+        return Path(config.cache.dir.replace("{output_dir}", config.output_dir)).expanduser()
+    if os.environ.get("ELLA_TSC_CACHE_DIR"):
+        return Path(os.environ["ELLA_TSC_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ella-tsc" / "features"
 
 
 def _resolved_format(d: DataConfig) -> str:
@@ -467,7 +537,8 @@ def _missing_paths(config: Config) -> list[str]:
 RESULT_NEUTRAL = ("output_dir", "train.resume", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.device", "train.backend", "train.collective_timeout_s",
                   "data.num_workers", "cache.dir", "cache.shard_size", "cache.open_shards", "cache.mode", "cache.enabled",
-                  "validation.")
+                  "validation.", "train.report_to", "train.wandb_project")
+RESULT_CHANGING = ("validation.holdout",)  # the held-out samples are not trained on
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -484,12 +555,14 @@ def result_changes(saved: dict[str, Any], current: Config, saved_world: int = 1,
     """`key: old -> new` for the settings that differ from a checkpoint's and change what is trained.
     max_steps counts only when it moves the lr schedule's end (schedule_steps unset, schedule not constant);
     batch_size only when batch_size x processes (the global micro-batch) changes."""
-    old, new = _flatten(saved), _flatten(current.to_dict())
+    # keys a checkpoint predates are compared as their defaults (they were added with the earlier behaviour)
+    old, new = {**_flatten(Config().to_dict()), **_flatten(saved)}, _flatten(current.to_dict())
     changes = []
     for key in sorted(set(old) | set(new)):
-        if key.startswith(RESULT_NEUTRAL) or old.get(key) == new.get(key):
+        if (key.startswith(RESULT_NEUTRAL) and key not in RESULT_CHANGING) or old.get(key) == new.get(key):
             continue
-        if key == "train.max_steps" and (current.optim.schedule == "constant" or current.optim.schedule_steps):
+        if key in ("train.max_steps", "train.max_epochs") and (current.optim.schedule == "constant"
+                                                               or current.optim.schedule_steps):
             continue
         if key == "train.batch_size" and old.get(key, 0) * saved_world == new[key] * world:
             continue

@@ -12,8 +12,10 @@ several processes see exactly the samples and noise an uninterrupted single-proc
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import random
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DataConfig
+from .config import DataConfig, caption_extensions
 from .distributed import Dist
 from .errors import TrainingError
 from .features import pad_batch
@@ -163,17 +165,24 @@ def detect_format(path: Any) -> str:
     raise TrainingError(f"data.path {p!r}: cannot tell its format; set data.format to folder, jsonl, csv or webdataset")
 
 
-def folder_items(root: Path) -> Iterator[Record | Rejected]:
-    """Images under `root` (recursive) with captions in `<same name>.txt`, one caption per line."""
+def folder_items(root: Path, config: Optional[DataConfig] = None) -> Iterator[Record | Rejected]:
+    """Images under `root` (recursive) with captions in `<same name><data.caption_extension>`, one caption per
+    line; a folder holding `metadata.jsonl`/`metadata.csv` is a Hugging Face imagefolder (`imagefolder_items`)."""
     if not root.is_dir():
         raise TrainingError(f"data.path {root} is not a folder")
+    config = config or DataConfig()
+    if _metadata_files(root):
+        yield from imagefolder_items(root, config)
+        return
+    extensions = caption_extensions(config.caption_extension)
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         key = str(image.relative_to(root))
-        txt = image.with_suffix(".txt")
+        txt = next((c for c in (image.with_suffix(e) for e in extensions) if c.is_file()),
+                   image.with_suffix(extensions[0]))
         try:
             text = txt.read_bytes().decode("utf-8")
         except FileNotFoundError:
-            yield Rejected(key, Skip.NO_CAPTION, f"no {txt.name}")
+            yield Rejected(key, Skip.NO_CAPTION, f"no {' or '.join(image.stem + e for e in extensions)}")
             continue
         except UnicodeDecodeError as e:
             yield Rejected(key, Skip.INVALID_UTF8, f"{txt.name}: {e.reason} at byte {e.start}")
@@ -183,6 +192,54 @@ def folder_items(root: Path) -> Iterator[Record | Rejected]:
             continue
         captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
         yield Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
+
+
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+IMAGEFOLDER_COLUMN = "file_name"  # the image column of a Hugging Face imagefolder
+
+
+def _metadata_files(root: Path) -> list[Path]:
+    return sorted(p for name in METADATA_NAMES for p in root.rglob(name) if p.is_file())
+
+
+def imagefolder_items(root: Path, config: DataConfig) -> Iterator[Record | Rejected]:
+    """A Hugging Face imagefolder: `metadata.jsonl` (or `.csv`) files, each naming images relative to its own
+    folder in `file_name`, captions in data.caption_columns. Images that no metadata row names are counted
+    as missing captions, not silently left out."""
+    rows = dataclasses.replace(config, image_column=IMAGEFOLDER_COLUMN)
+    listed: set[Path] = set()
+    for meta in _metadata_files(root):
+        _check_caption_columns(meta, config)
+        items = jsonl_items(meta, rows) if meta.suffix == ".jsonl" else csv_items(meta, rows)
+        for item in items:
+            if isinstance(item, Record):
+                path = Path(item.key) if Path(item.key).is_absolute() else meta.parent / item.key
+                listed.add(path.resolve())
+                item = Record(str(path.relative_to(root)) if path.is_relative_to(root) else item.key,
+                              item.captions, item.load, item.size)
+            yield item
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+        if image.resolve() not in listed:
+            yield Rejected(str(image.relative_to(root)), Skip.NO_CAPTION, f"not named in a {METADATA_NAMES[0]}")
+
+
+def _check_caption_columns(meta: Path, config: DataConfig) -> None:
+    """A metadata file none of whose first rows has a caption column is a setting to fix, not bad data."""
+    columns: set[str] = set()
+    if meta.suffix == ".csv":
+        columns = set(next(csv.reader(io.StringIO(meta.read_text(encoding="utf-8", errors="replace"))), []))
+    else:
+        with open(meta, encoding="utf-8", errors="replace") as f:
+            for line in itertools.islice(f, 20):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    columns |= set(row)
+    if columns and not columns & set(config.caption_columns):
+        raise TrainingError(f"{meta}: no caption column {list(config.caption_columns)}; its columns are "
+                            f"{sorted(columns)}: set data.caption_columns (e.g. data.caption_columns=[text])")
 
 
 def _row_item(row: dict[str, Any], base: Path, config: DataConfig, where: str) -> Record | Rejected:
@@ -348,7 +405,7 @@ def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
         return
     path = Path(config.path)
     if fmt == "folder":
-        yield from folder_items(path)
+        yield from folder_items(path, config)
         return
     if not path.is_file():
         raise TrainingError(f"data.path {path}: manifest not found")
@@ -586,7 +643,7 @@ class Data:
                  llm: Any, skipped: SkipCounter, cache: Optional[Any]) -> None:
         self.dataset, self.buckets, self.empty, self.llm, self.skipped, self.cache = (
             dataset, buckets, empty, llm, skipped, cache)
-        self.validation_prompts: Optional[torch.Tensor] = None  # (P, L, D) once encoded
+        self.validation_prompts: Optional[list[torch.Tensor]] = None  # P tensors (L_i, D) once encoded
         self.runtime_skips = SkipCounter()  # this rank's samples that failed while training (no cache)
 
     def all_skips(self, dist: Dist) -> SkipCounter:

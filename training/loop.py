@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,17 +30,18 @@ from torch.nn.parallel import DistributedDataParallel
 from ella_core import ELLA
 
 from . import cache as feature_cache
-from . import features as llm_features
 from . import online
 from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
-from .config import Config, OptimConfig, result_changes, save_config
-from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, image_failure, image_size,
-                   indexable_records, make_buckets, make_loader, nearest_bucket)
+from .config import Config, OptimConfig, TrainConfig, result_changes, save_config
+from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, epoch_batches, image_failure,
+                   image_size, indexable_records, make_buckets, make_loader, nearest_bucket)
 from .distributed import Dist, setup
 from .errors import TrainingError
-from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm, sdxl_time_ids
-from .sampling import sample
+from .models import EMA, Base, ConnectorStep, build_connector, load_base, load_llm, sdxl_time_ids
+from .reporting import open_reporter
+from .split import TrainingSubset, check_source_size, require_full_batch, split_holdout
 from .stopping import Stop
+from .validation import HeldOut, ema_model, sample_key, validation_images
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -58,6 +60,20 @@ def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
     if config.schedule == "linear":
         return 1.0 - progress
     return 1.0
+
+
+def run_length(t: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: train.max_steps or train.max_epochs passes over the training samples,
+    whichever ends first (an epoch's last step may take its last micro-batches from the next epoch)."""
+    limits = [t.max_steps] if t.max_steps is not None else []
+    if t.max_epochs is not None:
+        limits.append(max(1, math.ceil(t.max_epochs * batches_per_epoch / t.grad_accum)))
+    return min(limits)
+
+
+def epoch_progress(position: DataPosition, batches_per_epoch: int) -> float:
+    """Epochs completed, fractional: 1.5 is halfway through the second."""
+    return position.epoch + position.batch / max(1, batches_per_epoch)
 
 
 def snr_weights(base: Base, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -89,6 +105,7 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
     if config.cache.enabled:
         folder = feature_cache.cache_dir(config, base.vae.dtype)
         if not feature_cache.FeatureCache.is_complete(folder):
+            check_source_size(config, dist.world)  # too few samples: said after a listing, not after encoding
             log.info("building the feature cache in %s", folder)
             llm_holder: dict[str, Any] = {}
 
@@ -124,6 +141,23 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
 
 
 # ---------------------------------------------------------------- one micro-step
+@torch.no_grad()
+def batch_inputs(batch: dict[str, Any], base: Base, data: Data, config: Config, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """A micro-batch's latents (B, C, h, w), LLM features (B, L, D) and the text_bias hiding flexible-mode
+    padding (None when there is none), from the cache or computed now (cache.mode latents / none)."""
+    if "latents" in batch:
+        latents = batch["latents"].to(device)  # already scaled
+    else:
+        latents = base.encode_pixels(batch["pixels"].to(device)).float()
+        feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
+    if "features" in batch:
+        features, text_bias = batch["features"], batch.get("text_bias")
+    else:  # the captions (B,) through the resident LLM
+        features, text_bias = online.batch_features(data.llm, batch["text"], data.empty, config, batch["key"])
+    return latents, features.to(device), None if text_bias is None else text_bias.to(device)
+
+
 def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: torch.nn.Module, config: Config,
                     device: torch.device, autocast: Any) -> tuple[torch.Tensor, int]:
     """Loss of one micro-batch (mean over its samples) and the number of samples it had."""
@@ -133,19 +167,7 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
             context, pooled = step_module(features, torch.zeros(1, device=device))
         zero = context.float().sum() * 0.0 + (pooled.float().sum() * 0.0 if pooled is not None else 0.0)
         return zero, 0
-    with torch.no_grad():
-        if "latents" in batch:
-            latents = batch["latents"].to(device)  # (B, C, h, w), already scaled
-        else:
-            latents = base.encode_pixels(batch["pixels"].to(device)).float()
-            feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
-        if "features" in batch:
-            features = batch["features"].to(device)  # (B, L, D)
-            text_bias = batch["text_bias"].to(device) if "text_bias" in batch else None  # flexible-mode padding
-        else:  # cache.mode latents or none: the captions (B,) through the resident LLM
-            features, text_bias = online.batch_features(data.llm, batch["text"], data.empty, config, batch["key"])
-            features = features.to(device)
-            text_bias = text_bias.to(device) if text_bias is not None else None
+    latents, features, text_bias = batch_inputs(batch, base, data, config, device)
     b = latents.shape[0]
     timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
                                   config.train.noise_offset)
@@ -204,10 +226,24 @@ def connector_metadata(config: Config, base: Base, step: int) -> dict[str, Any]:
 
 
 def _setup_logging(dist: Dist, out: Path) -> None:
-    level = logging.INFO if dist.is_main else logging.WARNING
+    """Rank 0 logs info and warnings (console and train.log); the other ranks only errors, their libraries'
+    warnings included, so each message appears once however many processes run."""
+    level = logging.INFO if dist.is_main else logging.ERROR
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if dist.is_main:
         handlers.append(logging.FileHandler(out / "train.log"))
+    else:
+        warnings.simplefilter("ignore")
+        for name in ("transformers", "diffusers", "torch", "py.warnings"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # read when they configure logging
+            os.environ[variable] = "error"
+        with contextlib.suppress(ImportError):
+            import transformers
+            import diffusers
+
+            transformers.logging.set_verbosity_error()
+            diffusers.logging.set_verbosity_error()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
@@ -263,6 +299,25 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     if data.skipped.total:
         log.warning("skipped %d unusable samples: %s (e.g. %s)", data.skipped.total, dict(data.skipped.counts),
                     data.skipped.examples[:3])
+
+    # the held-out samples (never trained on) and the length of the run
+    require_full_batch(len(data.dataset), config, dist.world, f"data.path {config.data.path}")
+    train_indices, held_indices = range(len(data.dataset)), []
+    if config.validation.holdout:
+        keys = [sample_key(data, i) for i in range(len(data.dataset))]
+        train_indices, held_indices = split_holdout(keys, config.validation.holdout, config.seed)
+    heldout = HeldOut(data, held_indices, config) if held_indices else None
+    if heldout is not None:
+        log.info("validation loss on %d held-out samples (listed in %s), trained on the other %d", len(heldout),
+                 out / "holdout.txt", len(train_indices))
+        if dist.is_main:
+            (out / "holdout.txt").write_text("".join(keys[i] + "\n" for i in held_indices))
+    train_buckets = [data.buckets[i] for i in train_indices] if held_indices else data.buckets
+    train_dataset = TrainingSubset(data.dataset, train_indices) if held_indices else data.dataset
+    batches_per_epoch = len(epoch_batches(train_buckets, t.batch_size * dist.world, config.seed, 0))
+    total = run_length(t, batches_per_epoch)
+    log.info("%d optimizer steps (train.max_steps=%s, train.max_epochs=%s; an epoch is %d micro-batches of %d)",
+             total, t.max_steps, t.max_epochs, batches_per_epoch, t.batch_size * dist.world)
     torch.manual_seed(config.seed)  # same initial connector however many processes and whatever ran before
     ella: ELLA = build_connector(config.connector, data.hidden_size, base).to(dist.device)
     step_module: torch.nn.Module = ConnectorStep(ella)
@@ -294,15 +349,14 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", resume, step)
 
-    plan = BatchPlan(data.buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
-    batches = iter(make_loader(data.dataset, plan, config.data.num_workers))
-    writer = metrics_file = None
+    plan = BatchPlan(train_buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
+    batches = iter(make_loader(train_dataset, plan, config.data.num_workers))
+    metrics_file = None
     if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
         keep_metrics_until(out / "metrics.jsonl", step)  # steps after the checkpoint are trained again
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
         metrics_file = open(out / "metrics.jsonl", "a")
+    reporter = open_reporter(config, out, step, dist.is_main)
+    epochs_done = int(epoch_progress(position, batches_per_epoch))
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "samples_seen": samples_seen, "position": position.to_dict(),
@@ -313,15 +367,15 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=t.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step",
+    bar = tqdm(total=total, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step",
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started, started_step = time.time(), step
     stopping = False
     stop.phase = "training"
     with stop.deferred():
-        while step < t.max_steps:
+        while step < total:
             for group in optimizer.param_groups:
-                group["lr"] = o.lr * lr_factor(step, o, t.max_steps)
+                group["lr"] = o.lr * lr_factor(step, o, total)
             losses, n, position = optimizer_step(batches, base, data, step_module, ella, optimizer, scaler, config,
                                                  dist, autocast)
             samples_seen += n
@@ -329,8 +383,13 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             if ema is not None:
                 ema.update(ella, step)
             bar.update(1)
+            epoch = epoch_progress(position, batches_per_epoch)
+            if int(epoch) > epochs_done:
+                epochs_done = int(epoch)
+                log.info("epoch %d%s done at step %d", epochs_done, f" of {t.max_epochs}" if t.max_epochs else "",
+                         step)
 
-            if step % t.log_every == 0 or step == t.max_steps:
+            if step % t.log_every == 0 or step == total:
                 loss_value = dist.mean(torch.stack(losses).mean()).item()
                 skipped = data.all_skips(dist).total
                 if not math.isfinite(loss_value):
@@ -340,18 +399,28 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 if dist.is_main:
                     rate = (step - started_step) / max(time.time() - started, 1e-9)
                     record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                              "samples_seen": samples_seen, "skipped": skipped, "steps_per_s": rate}
+                              "epoch": round(epoch, 4), "samples_seen": samples_seen, "skipped": skipped,
+                              "steps_per_s": rate}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", record["lr"], step)
-                    writer.add_scalar("data/skipped", skipped, step)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                    reporter.scalars({"train/loss": loss_value, "train/lr": record["lr"], "train/epoch": epoch,
+                                      "data/skipped": skipped}, step)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", epoch=f"{epoch:.2f}")
             v = config.validation
-            if v.every and v.prompts and step % v.every == 0:
-                validate(config, base, ella, ema, data, dist, out, writer, step)
+            if v.every and step % v.every == 0:
+                if heldout is not None:  # every rank evaluates its share
+                    val_loss, val_samples = heldout.loss(base, ella, dist, autocast)
+                    if dist.is_main:
+                        metrics_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_samples": val_samples,
+                                                       "epoch": round(epoch, 4)}) + "\n")
+                        metrics_file.flush()
+                        reporter.scalars({"val/loss": val_loss}, step)
+                        log.info("step %d: validation loss %.6f on %d held-out samples", step, val_loss, val_samples)
+                if v.prompts and dist.is_main:
+                    images = validation_images(config, base, ema_model(ella, ema, dist.device), data, dist, out, step)
+                    reporter.images("validation", images, step)
             stopping = dist.any(stop.requested)
-            if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
+            if step % t.checkpoint_every == 0 or step == total or stopping:
                 save(step)
             if stopping:
                 break
@@ -360,11 +429,11 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     final = out / "ella.safetensors"
     skipped = data.all_skips(dist)
     if dist.is_main:
-        if step >= t.max_steps and not stopping:
+        if step >= total and not stopping:
             save_final(ella, ema, connector_metadata(config, base, step), out)
             log.info("wrote %s (%d samples skipped in total: %s)", final, skipped.total, dict(skipped.counts))
-        writer.close()
         metrics_file.close()
+    reporter.close()
     dist.barrier()
     dist.close()
     if stopping:
@@ -401,36 +470,3 @@ def save_final(ella: ELLA, ema: Optional[EMA], metadata: dict[str, Any], out: Pa
         ema_model = ELLA(ella.config)
         ema.copy_to(ema_model)
         save_ella(ema_model, out / "ella_ema.safetensors", metadata)
-
-
-def validate(config: Config, base: Base, ella: ELLA, ema: Optional[EMA], data: Data, dist: Dist, out: Path,
-             writer: Any, step: int) -> None:
-    """Rank 0 samples the validation prompts (with the EMA weights when enabled) and saves PNGs."""
-    if not dist.is_main:
-        return
-    v = config.validation
-    prompts = data.cache.prompt_features(v.prompts) if data.cache is not None else None
-    if prompts is None:
-        if data.validation_prompts is None:  # not cached (prompts changed since the cache was built)
-            llm = data.llm or load_llm(config.llm, dist.device)
-            encoded = encode_texts(llm, v.prompts, config.llm).float().cpu()
-            data.validation_prompts = llm_features.unpadded(llm, v.prompts, config.llm, encoded)
-        prompts = data.validation_prompts
-    model = ella
-    if ema is not None:
-        model = ELLA(ella.config).to(dist.device)
-        ema.copy_to(model)
-    was_training = model.training
-    model.eval()
-    images = sample(base, model, prompts, data.empty, steps=v.steps, guidance_scale=v.guidance_scale,
-                    height=v.height or config.data.resolution, width=v.width or config.data.resolution, seed=v.seed)
-    model.train(was_training)
-    folder = out / "samples" / f"step-{step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    for i, image in enumerate(images):
-        array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        Image.fromarray(array).save(folder / f"{i:02d}.png")
-    writer.add_images("validation", images, step)
-    log.info("validation images in %s", folder)

@@ -31,11 +31,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, stop: Stop) -> int:
-    parser = argparse.ArgumentParser(description="Train an ELLA connector (only the connector learns).")
+    from training.cli import foreign_flags_message, keys_help, split_argv
+
+    parser = argparse.ArgumentParser(description="Train an ELLA connector (only the connector learns).",
+                                     epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--config", help="YAML config file (training/configs/*.yaml)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
+    known, foreign = split_argv(list(sys.argv[1:] if argv is None else argv), ("--config", "--resume", "--help"))
+    if foreign and not {"-h", "--help"} & set(known):
+        print(f"config error: {foreign_flags_message(foreign)}", file=sys.stderr)
+        return EXIT_CONFIG
+    args = parser.parse_args(known)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     from training.config import ConfigError, load_config
 
