@@ -162,26 +162,33 @@ def detect_format(path: Any) -> str:
     raise TrainingError(f"data.path {p!r}: cannot tell its format; set data.format to folder, jsonl, csv or webdataset")
 
 
-def folder_items(root: Path) -> Iterator[Record | Rejected]:
-    """Images under `root` (recursive) with captions in `<same name>.txt`, one caption per line."""
+def folder_images(root: Path) -> list[Path]:
+    """The images under `root` (recursive), in source order: a listing only, nothing is read."""
     if not root.is_dir():
         raise TrainingError(f"data.path {root} is not a folder")
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-        key = str(image.relative_to(root))
-        txt = image.with_suffix(".txt")
-        try:
-            text = txt.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            yield Rejected(key, Skip.NO_CAPTION, f"no {txt.name}")
-            continue
-        except UnicodeDecodeError as e:
-            yield Rejected(key, Skip.INVALID_UTF8, f"{txt.name}: {e.reason} at byte {e.start}")
-            continue
-        except OSError as e:
-            yield Rejected(key, Skip.NO_CAPTION, f"{txt.name}: {e}")
-            continue
-        captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
-        yield Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+
+
+def folder_entry(root: Path, image: Path) -> Record | Rejected:
+    """One image of a folder source with its captions from `<same name>.txt`, one caption per line."""
+    key = str(image.relative_to(root))
+    txt = image.with_suffix(".txt")
+    try:
+        text = txt.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return Rejected(key, Skip.NO_CAPTION, f"no {txt.name}")
+    except UnicodeDecodeError as e:
+        return Rejected(key, Skip.INVALID_UTF8, f"{txt.name}: {e.reason} at byte {e.start}")
+    except OSError as e:
+        return Rejected(key, Skip.NO_CAPTION, f"{txt.name}: {e}")
+    captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
+    return Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
+
+
+def folder_items(root: Path) -> Iterator[Record | Rejected]:
+    """Images under `root` (recursive) with captions in `<same name>.txt`, one caption per line."""
+    for image in folder_images(root):
+        yield folder_entry(root, image)
 
 
 def _row_item(row: dict[str, Any], base: Path, config: DataConfig, where: str) -> Record | Rejected:
@@ -244,7 +251,9 @@ def csv_items(path: Path, config: DataConfig) -> Iterator[Record | Rejected]:
         yield _row_item(row, path.parent, config, f"{path}:{reader.line_num}")
 
 
-def _tar_urls(path: Any) -> list[str]:
+def tar_urls(path: Any) -> list[str]:
+    """The shards of a webdataset source, in source order: a list, brace patterns joined by "::", a folder of
+    .tar files, or one path/URL."""
     if isinstance(path, (list, tuple)):
         return [str(p) for p in path]
     text = str(path)
@@ -267,39 +276,44 @@ def _open_shard(url: str) -> Any:
 
 
 def webdataset_items(path: Any, config: DataConfig) -> Iterator[Record | Rejected]:
-    """Samples of tar shards (local or URLs): members grouped by key (`key.png`, `key.txt`, `key.json`).
+    """Samples of tar shards (local or URLs), shard after shard (see `shard_items`)."""
+    for url in tar_urls(path):
+        yield from shard_items(url, config)
+
+
+def shard_items(url: str, config: DataConfig) -> Iterator[Record | Rejected]:
+    """Samples of one tar shard: members grouped by key (`key.png`, `key.txt`, `key.json`), in member order.
     Images: jpg/png/webp; captions: `.txt` (one per line) or `.json` fields named by data.caption_columns.
     A shard cut short or unparseable costs the sample it was in and is counted once, never fatal."""
-    for url in _tar_urls(path):
+    try:
+        stream = _open_shard(url)
+    except OSError as e:
+        yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
+        return
+    try:
+        group: dict[str, bytes] = {}
+        key = None
         try:
-            stream = _open_shard(url)
-        except OSError as e:
-            yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
-            continue
-        try:
-            group: dict[str, bytes] = {}
-            key = None
-            try:
-                for name, payload in tar_members(stream):
-                    base, ext = _split_key(name)
-                    if base is None:
-                        continue
-                    if base != key and group:
-                        yield _tar_sample(f"{url}#{key}", group, config)
-                        group = {}
-                    key = base
-                    group[ext] = payload
-                if group:
+            for name, payload in tar_members(stream):
+                base, ext = _split_key(name)
+                if base is None:
+                    continue
+                if base != key and group:
                     yield _tar_sample(f"{url}#{key}", group, config)
-            except TruncatedTar as e:
-                yield Rejected(url, Skip.TRUNCATED_SHARD, str(e))
-            except (CorruptTar, OSError) as e:
-                yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
-        finally:
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001 (a failed curl pipe reports on close; the shard is counted above)
-                pass
+                    group = {}
+                key = base
+                group[ext] = payload
+            if group:
+                yield _tar_sample(f"{url}#{key}", group, config)
+        except TruncatedTar as e:
+            yield Rejected(url, Skip.TRUNCATED_SHARD, str(e))
+        except (CorruptTar, OSError) as e:
+            yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 (a failed curl pipe reports on close; the shard is counted above)
+            pass
 
 
 def _split_key(name: str) -> tuple[Optional[str], str]:
@@ -339,9 +353,13 @@ def _tar_sample(key: str, group: dict[str, bytes], config: DataConfig) -> Record
 
 
 # ---------------------------------------------------------------- all sources
+def source_format(config: DataConfig) -> str:
+    return config.format if config.format != "auto" else detect_format(config.path)
+
+
 def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
     """Every entry of the source, usable or not, in source order (the same order on every process)."""
-    fmt = config.format if config.format != "auto" else detect_format(config.path)
+    fmt = source_format(config)
     if fmt == "webdataset":
         yield from webdataset_items(config.path, config)
         return
@@ -349,6 +367,11 @@ def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
     if fmt == "folder":
         yield from folder_items(path)
         return
+    yield from manifest_items(path, fmt, config)
+
+
+def manifest_items(path: Path, fmt: str, config: DataConfig) -> Iterator[Record | Rejected]:
+    """The rows of a JSONL or CSV manifest."""
     if not path.is_file():
         raise TrainingError(f"data.path {path}: manifest not found")
     yield from jsonl_items(path, config) if fmt == "jsonl" else csv_items(path, config)
@@ -364,8 +387,7 @@ def stream_records(config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
 
 
 def indexable_records(config: DataConfig, skips: SkipCounter) -> list[Record]:
-    fmt = config.format if config.format != "auto" else detect_format(config.path)
-    if fmt == "webdataset":
+    if source_format(config) == "webdataset":
         raise TrainingError("webdataset shards are streamed, not indexed: keep cache.enabled=true so they are read "
                          "once into the feature cache")
     return list(stream_records(config, skips))

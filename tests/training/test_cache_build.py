@@ -62,15 +62,15 @@ def _tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def _stop_after(monkeypatch, stop: Stop, items: int) -> None:
     """The source sends SIGTERM's flag after `items` entries (as the handler would, deferred)."""
-    real = feature_cache.stream_items
+    real = feature_cache.prepared_source
 
-    def stream(config):
-        for n, item in enumerate(real(config)):
+    def stream(*args):
+        for n, item in enumerate(real(*args)):
             if n == items:
                 stop.signum = signal.SIGTERM
             yield item
 
-    monkeypatch.setattr(feature_cache, "stream_items", stream)
+    monkeypatch.setattr(feature_cache, "prepared_source", stream)
 
 
 @pytest.fixture(scope="module")
