@@ -504,17 +504,38 @@ def epoch_batches(buckets: Sequence[tuple[int, int]], global_batch: int, seed: i
 
 @dataclass
 class DataPosition:
-    """Where the data stream is: the epoch and the next global micro-batch within it."""
+    """Where the data stream is: the epoch, how many samples of the epoch's order are done, and the global
+    micro-batch that order was drawn with (`epoch_batches`; 0: the current one). The order is a sequence of
+    single-bucket blocks; any layout consumes it front to back, so a run resumed with another number of
+    processes or batch size continues at the same sample."""
 
     epoch: int = 0
-    batch: int = 0
+    sample: int = 0
+    order_batch: int = 0
 
     def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "sample": self.sample, "order_batch": self.order_batch}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], saved_global_batch: int) -> "DataPosition":
+        """From a checkpoint; older ones counted global micro-batches ({"epoch", "batch"})."""
+        if "sample" in saved:
+            return cls(int(saved["epoch"]), int(saved["sample"]), int(saved["order_batch"]))
+        return cls(int(saved["epoch"]), int(saved["batch"]) * saved_global_batch, saved_global_batch)
+
+
+def even_share(n: int, world: int, rank: int) -> slice:
+    """Rank's contiguous share of n samples dealt as evenly as possible (n = batch x world: batch each)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
 
 
 class BatchPlan:
-    """Endless stream of this rank's micro-batches: lists of (sample index, position seed)."""
+    """Endless stream of this rank's micro-batches: lists of (sample index, position seed).
+
+    Global micro-batches of batch_size x world samples are cut from the blocks of the epoch's order; where
+    a block does not divide into them (an epoch begun with another layout), the rest of the block is one
+    smaller global batch dealt evenly (a rank may get none: an empty list). The seed of a sample visit is
+    that of its place in the epoch's order, whatever the layout."""
 
     def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, world: int, rank: int, seed: int,
                  position: Optional[DataPosition] = None) -> None:
@@ -531,14 +552,20 @@ class BatchPlan:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         global_batch = self.batch_size * self.world
         while True:
-            batches = epoch_batches(self.buckets, global_batch, self.seed, self.position.epoch)
-            while self.position.batch < len(batches):
-                b = self.position.batch
-                chunk = batches[b][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-                first = b * global_batch + self.rank * self.batch_size
-                self.position.batch += 1
-                yield [(i, sample_seed(self.seed, self.position.epoch, first + j)) for j, i in enumerate(chunk)]
-            self.position = DataPosition(self.position.epoch + 1, 0)
+            epoch, done = self.position.epoch, self.position.sample
+            order_batch = self.position.order_batch or global_batch
+            first = 0  # place in the epoch's order of the block's first sample
+            for block in epoch_batches(self.buckets, order_batch, self.seed, epoch):
+                start = max(first, done)
+                while start < first + len(block):
+                    piece = block[start - first:start - first + global_batch]
+                    share = even_share(len(piece), self.world, self.rank)
+                    self.position = DataPosition(epoch, start + len(piece), order_batch)
+                    yield [(i, sample_seed(self.seed, epoch, start + share.start + j))
+                           for j, i in enumerate(piece[share])]
+                    start += len(piece)
+                first += len(block)
+            self.position = DataPosition(epoch + 1, 0, global_batch)
 
 
 # ---------------------------------------------------------------- datasets
@@ -605,10 +632,10 @@ class _PlanSampler(torch.utils.data.Sampler):
     def __init__(self, plan: BatchPlan) -> None:
         self.plan = plan
 
-    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
+    def __iter__(self):  # yields lists of (index, seed, the data position after this batch)
         for items in self.plan:
-            pos = (self.plan.position.epoch, self.plan.position.batch)
-            yield [(i, s) + pos for i, s in items]
+            pos = (self.plan.position.epoch, self.plan.position.sample, self.plan.position.order_batch)
+            yield [(i, s) + pos for i, s in items] or [(-1, 0) + pos]  # -1: this rank has none this time
 
 
 class _WithPosition(torch.utils.data.Dataset):
@@ -621,14 +648,16 @@ class _WithPosition(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
-        index, seed, epoch, batch = item
-        return {**self.inner[(index, seed)], "position": (epoch, batch)}
+    def __getitem__(self, item: tuple[int, ...]) -> dict[str, Any]:
+        index, seed, *position = item
+        if index < 0:
+            return {"position": tuple(position)}
+        return {**self.inner[(index, seed)], "position": tuple(position)}
 
 
 def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
     position = items[0]["position"]
-    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
+    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items if len(it) > 1])
     batch["position"] = position
     return batch
 

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ella_core import ELLA
 
 from . import cache as feature_cache
-from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
+from .checkpoints import (check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint,
+                          saved_global_batch)
 from .config import Config, OptimConfig, result_changes, save_config
 from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, image_failure, image_size,
                    indexable_records, make_buckets, make_loader, nearest_bucket)
@@ -277,7 +278,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     if resume is not None:
         state = load_checkpoint(resume, ella, optimizer, dist)
         step, samples_seen = state["step"], state["samples_seen"]
-        position = DataPosition(**state["position"])
+        position = DataPosition.from_dict(state["position"], saved_global_batch(state, t.batch_size, dist.world))
         data.skipped = SkipCounter()  # the saved counts already include the cache's and earlier steps'
         data.skipped.merge(state["skipped"])
         if ema is not None and "ema" in state:
