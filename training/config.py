@@ -71,7 +71,9 @@ class DataConfig:
     buckets: bool = True  # aspect-ratio buckets; False: centre square crops
     bucket_step: int = 64  # bucket sides are multiples of this
     max_aspect: float = 2.0
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes: decode/resize for the cache build and the online path
+    streaming: Optional[bool] = None  # no cache: stream the source in parts (training/streaming.py) instead of
+    # indexing every record; None: stream webdataset sources, index folders and manifests
 
 
 @dataclass

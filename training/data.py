@@ -388,8 +388,8 @@ def stream_records(config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
 
 def indexable_records(config: DataConfig, skips: SkipCounter) -> list[Record]:
     if source_format(config) == "webdataset":
-        raise TrainingError("webdataset shards are streamed, not indexed: keep cache.enabled=true so they are read "
-                         "once into the feature cache")
+        raise TrainingError("webdataset shards are streamed, not indexed: leave data.streaming unset (or true) to "
+                            "train from the stream, or keep cache.enabled=true to read them once into the cache")
     return list(stream_records(config, skips))
 
 
@@ -658,7 +658,7 @@ class _WithPosition(torch.utils.data.Dataset):
 def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
     position = items[0]["position"]
     batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items if len(it) > 1])
-    batch["position"] = position
+    batch["position"] = DataPosition(*position)
     return batch
 
 def make_loader(dataset: torch.utils.data.Dataset, plan: BatchPlan, num_workers: int) -> torch.utils.data.DataLoader:

@@ -39,6 +39,7 @@ from .errors import TrainingError
 from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm, sdxl_time_ids
 from .sampling import sample
 from .stopping import Stop
+from .streaming import StreamingBatches, StreamPosition, check_stream_layout, streams
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -103,6 +104,10 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
         skipped.merge(cache.skipped)
         dataset = feature_cache.CachedDataset(cache, d)
         return Data(dataset, cache.buckets, cache.empty_features(), None, skipped, cache)
+    if streams(config):  # the source is read in parts by the loader workers, never indexed
+        llm = load_llm(config.llm, dist.device)
+        empty = encode_texts(llm, [""], config.llm)[0].float().cpu()
+        return Data(None, [], empty, llm, skipped, None)
     records = indexable_records(d, skipped)
     bucket_set = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
     kept, buckets = [], []
@@ -163,9 +168,10 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
 
 def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.Module, ella: ELLA,
                    optimizer: torch.optim.Optimizer, scaler: Any, config: Config, dist: Dist, autocast: Any
-                   ) -> tuple[list[torch.Tensor], int, DataPosition]:
+                   ) -> tuple[list[torch.Tensor], int, Any]:
     """One optimizer step over grad_accum micro-batches (gradients synchronised on the last one only).
-    Returns the micro-batch losses, the samples seen by all ranks, and the data position after it."""
+    Returns the micro-batch losses, the samples seen by all ranks, and the data position after it (a
+    DataPosition, or a StreamPosition when streaming)."""
     t = config.train
     optimizer.zero_grad(set_to_none=True)
     losses, samples = [], 0
@@ -184,7 +190,7 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
         torch.nn.utils.clip_grad_norm_(ella.parameters(), config.optim.max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    return losses, samples, DataPosition(*batch["position"])
+    return losses, samples, batch["position"]
 
 
 # ---------------------------------------------------------------- the run
@@ -239,7 +245,10 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             if changes:
                 log.warning("resume: these settings differ from %s's and change the result:\n  %s", resume.name,
                             "\n  ".join(changes))
-            check_layout(saved_state, t.batch_size, dist.world)
+            if streams(config):
+                check_stream_layout(saved_state, dist.world, config.data.num_workers)
+            else:
+                check_layout(saved_state, t.batch_size, dist.world)
     chosen = dist.gather(str(resume))
     if len(set(chosen)) > 1:
         raise TrainingError(f"the processes chose different checkpoints to resume from: {chosen}; is output_dir "
@@ -278,7 +287,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     if resume is not None:
         state = load_checkpoint(resume, ella, optimizer, dist)
         step, samples_seen = state["step"], state["samples_seen"]
-        position = DataPosition.from_dict(state["position"], saved_global_batch(state, t.batch_size, dist.world))
+        position = (StreamPosition.from_dict(state["position"]) if streams(config) else
+                    DataPosition.from_dict(state["position"], saved_global_batch(state, t.batch_size, dist.world)))
         data.skipped = SkipCounter()  # the saved counts already include the cache's and earlier steps'
         data.skipped.merge(state["skipped"])
         if ema is not None and "ema" in state:
@@ -287,8 +297,11 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", resume, step)
 
-    plan = BatchPlan(data.buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
-    batches = iter(make_loader(data.dataset, plan, config.data.num_workers))
+    if streams(config):
+        batches = iter(StreamingBatches(config, dist, position if resume is not None else None))
+    else:
+        plan = BatchPlan(data.buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
+        batches = iter(make_loader(data.dataset, plan, config.data.num_workers))
     writer = metrics_file = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -298,7 +311,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
         metrics_file = open(out / "metrics.jsonl", "a")
 
     def save(at_step: int) -> None:
-        state = {"step": at_step, "samples_seen": samples_seen, "position": position.to_dict(),
+        where = position.gathered(dist) if isinstance(position, StreamPosition) else position.to_dict()
+        state = {"step": at_step, "samples_seen": samples_seen, "position": where,
                  "skipped": data.all_skips(dist).to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "world": dist.world, "config": config.to_dict()}
         save_checkpoint(ckpt_root, at_step, ella, connector_metadata(config, base, at_step), optimizer,

@@ -60,7 +60,7 @@ def _install() -> list[str]:
         def recording_loss(batch, *args, **kwargs):
             with open(Path(seen) / f"r{RANK}.jsonl", "a") as f:
                 for key, seed in zip(batch.get("key", []), batch.get("seed", [])):
-                    f.write(json.dumps({"key": key, "seed": seed, "epoch": batch["position"][0],
+                    f.write(json.dumps({"key": key, "seed": seed, "epoch": batch["position"].epoch,
                                         "world": int(world)}) + "\n")
             return real_loss(batch, *args, **kwargs)
 
