@@ -8,6 +8,7 @@ safetensors shard. The connector's backward is timed apart from the UNet's by sp
 context (same maths as one backward).
 
     python bench/bench_training.py --batch 1 --steps 3 [--device cuda] [--llm smollm2|t5xl]
+    python bench/bench_training.py --source   # cache-pass images/s with 0, 1, 2 loader workers (training_source.py)
 """
 
 from __future__ import annotations
@@ -88,7 +89,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llm", choices=("smollm2", "t5xl"), default="smollm2")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--source", action="store_true", help="only the cache pass's source side (training_source)")
+    parser.add_argument("--source-images", type=int, default=96)
     args = parser.parse_args()
+    if args.source:
+        from training_source import source_lines
+
+        print("\n".join(source_lines(args.source_images)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
