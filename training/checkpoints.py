@@ -211,6 +211,10 @@ def check_layout(state: dict[str, Any], batch_size: int, world: int) -> None:
     """Any layout continues a map-style data stream: the position counts samples of the epoch's seeded order
     (data.DataPosition), and the rest of the epoch is dealt to the new one, so no sample of it is skipped or
     repeated. A change is logged, since it changes the batches (and the result)."""
+    if "parts" in state.get("position", {}):
+        raise TrainingError("cannot resume: the checkpoint streamed its source (data.streaming, a webdataset "
+                            "without the cache) and this run indexes it; set data.streaming and cache.enabled "
+                            "as they were")
     saved = saved_global_batch(state, batch_size, world)
     if saved != batch_size * world:
         log.info("resume: global micro-batch %d (train.batch_size x processes) -> %d (%d x %d); the epoch continues "

@@ -132,6 +132,12 @@ def test_any_resume_layout_continues_and_a_change_is_logged(saved_batch, saved_w
             in logged[0]
 
 
+def test_a_streamed_checkpoint_is_not_resumed_as_map_style():
+    state = {"world": 1, "position": {"epoch": 0, "parts": {"0": [3]}, "turns": {}, "layout": [1, 1]}}
+    with pytest.raises(TrainingError, match="the checkpoint streamed its source"):
+        check_layout(state, 4, 1)
+
+
 def _config(*extra):
     return load_config(TINY_CONFIG, ["model.pretrained=o/b", "llm.source=o/l", "data.path=/tmp", *extra])
 
