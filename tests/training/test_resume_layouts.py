@@ -118,7 +118,8 @@ def test_resumed_with_another_layout_no_sample_of_the_epoch_is_skipped_or_repeat
     _train(before[1], common + [f"train.batch_size={before[0]}", f"train.max_steps={stop_step}"], tmp_path / "a")
     first = _visits(tmp_path / "a")
     assert len(first) == stop_step * before[0] * before[1]
-    steps_left = -(-(24 - len(first)) // (after[0] * after[1])) + 1  # past the epoch's end
+    # past the epoch's end: its blocks of the old size are cut into batches of at most the new size
+    steps_left = (24 - len(first)) // min(before[0] * before[1], after[0] * after[1]) + 1
     _train(after[1], common + [f"train.batch_size={after[0]}", f"train.max_steps={stop_step + steps_left}",
                                "train.resume=latest"], tmp_path / "b")
     second = _visits(tmp_path / "b")
