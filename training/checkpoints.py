@@ -234,7 +234,7 @@ def load_checkpoint(path: Path, ella: ELLA, optimizer: torch.optim.Optimizer, di
     else:  # the per-sample seeds continue at the saved sample position
         log.info("checkpoint was written by %d processes, now %d: the global RNG states are not restored; "
                  "nothing the run draws comes from them (order, captions, dropout, timesteps and noise are "
-                 "seeded per sample), so the sample sequence continues at the saved position", rng["world"], dist.world)
+                 "seeded per sample), so the sample sequence continues exactly", rng["world"], dist.world)
     if (path / "ema.safetensors").is_file():
         state["ema"] = load_file(str(path / "ema.safetensors"))
     return state
