@@ -10,6 +10,7 @@ context (same maths as one backward).
     python bench/bench_training.py --batch 1 --steps 3 [--device cuda] [--llm smollm2|t5xl]
     python bench/bench_training.py --cache-storage     # cache bytes per sample, index memory (training_cache.py)
     python bench/bench_training.py --online ...   # cache.mode full vs latents vs none (bench/training_online.py)
+    python bench/bench_training.py --source   # cache-pass images/s with 0, 1, 2 loader workers (training_source.py)
 """
 
 from __future__ import annotations
@@ -96,7 +97,14 @@ def main() -> None:
                         "(bench/training_online.py) instead of the split below")
     parser.add_argument("--t5-layers", type=int, default=24, help="--online: layers of the T5-XL-shaped encoder")
     parser.add_argument("--split", action="store_true", help="only the held-out split and pre-cache listing costs")
+    parser.add_argument("--source", action="store_true", help="only the cache pass's source side (training_source)")
+    parser.add_argument("--source-images", type=int, default=96)
     args = parser.parse_args()
+    if args.source:
+        from training_source import source_lines
+
+        print("\n".join(source_lines(args.source_images)))
+        return
     if args.split:
         from bench.training_split import measure
 

@@ -50,8 +50,9 @@ from ella_core.file_modes import match_umask
 from . import features as llm_features
 from .cache_index import RECORD, CacheIndex, IndexBehind, RankIndexWriter, record_rows, records_name, row_entry
 from .config import Config, cache_root
-from .data import (DataConfig, Rejected, SkipCounter, decode_image, describe, fit_to_bucket, image_failure,
-                   make_buckets, nearest_bucket, pick_text, stream_items)
+from .data import DataConfig, SkipCounter, make_buckets, pick_text
+from .decoding import prepared_part as prepared_source
+from .parts import source_signature, split_note
 from .distributed import Dist
 from .errors import TrainingError
 from .models import Base, encode_texts, parse_dtype
@@ -59,7 +60,8 @@ from .stopping import Stop
 from .validation import prompt_texts
 
 log = logging.getLogger("training")
-CACHE_VERSION = 3  # 3: features in the LLM dtype, flexible mode unpadded, per-rank memory-mapped index
+CACHE_VERSION = 3  # 3: features in the LLM dtype, flexible mode unpadded, per-rank memory-mapped index; shards'
+# last_ordinal is a position in the rank's part of the source (training.parts)
 SYNC_EVERY = 64  # source entries between the processes' status exchanges (stop requests, failures)
 CHUNK = 16  # samples encoded together (at most cache.shard_size); shards hold whole chunks
 SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
@@ -282,9 +284,9 @@ def _check_shared(folder: Path, dist: Dist) -> None:
 
 
 def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], Any], dist: Dist, stop: Stop) -> None:
-    """Each rank encodes every world-th source entry into its own shards and index files; rank 0 writes the
-    manifest (O(ranks)), encodes the prompts and marks the cache complete. Raises StopRequested (after
-    writing what is finished) on a signal, PeerFailed on every rank when one fails."""
+    """Each rank encodes its part of the source (training.parts) into its own shards and index files; rank 0
+    writes the manifest (O(ranks)), encodes the prompts and marks the cache complete. Raises StopRequested
+    (after writing what is finished) on a signal, PeerFailed on every rank when one fails."""
     where = f"cache build in {folder}"
     stop.phase = "the cache build"
     with dist.failing_together(where):
@@ -313,7 +315,8 @@ def build_cache(config: Config, folder: Path, base: Base, get_llm: Callable[[], 
 
 def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, dist: Dist, stop: Stop,
                    where: str) -> int:
-    """This rank's part of the source into shards; returns the last source position."""
+    """This rank's part of the source (training.parts: part rank of world) into shards, its images decoded in
+    data.num_workers loader workers; returns the last position of the part."""
     d: DataConfig = config.data
     buckets = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
     latent_dtype = parse_dtype(config.cache.latent_dtype)
@@ -354,50 +357,79 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
             offset += n
         chunk.clear()
 
-    ordinal = -1
+    note = split_note(d, dist.world)
+    if note and dist.is_main:
+        log.warning("cache: %s", note)
+    if dist.enabled:  # the split below is only right when every process sees the same source
+        dist.agree(where, source_signature(d))
+    last = writer.last_ordinal  # this rank's part position: everything up to it is in a shard or counted
+    seen = 0  # entries of the part gone through in this run
+    rounds = _Rounds(dist, where)
     with stop.deferred():
-        for ordinal, item in enumerate(stream_items(d)):
-            if dist.enabled and ordinal % SYNC_EVERY == 0:
-                stopping = dist.agree(where, 100 + ordinal, stop.requested)
-            else:
-                stopping = stop.requested and not dist.enabled
-            if stopping:
-                if chunk:  # dropped: encoded again on resume, with the same neighbours
-                    writer.flush(*before_chunk)
+        source = prepared_source(d, dist.rank, dist.world, last + 1, buckets, d.num_workers)
+        try:
+            for prepared in source:
+                stopping = rounds.exchange(stop.requested, busy=True) if seen % SYNC_EVERY == 0 else (
+                    stop.requested and not dist.enabled)
+                if stopping:
+                    if chunk:  # dropped: encoded again on resume, with the same neighbours
+                        writer.flush(*before_chunk)
+                    else:
+                        writer.flush(last)
+                    _stop_now(stop, writer, dist)
+                seen += 1
+                if prepared.skip is not None:
+                    writer.skips.add(prepared.skip[0], prepared.key, prepared.skip[1])
                 else:
-                    writer.flush(ordinal - 1)
-                stop.raise_now(f"during the cache build: {writer.shards} shard(s) of rank {dist.rank} kept "
-                               f"in {writer.folder}; the next run resumes there")
-            if ordinal <= writer.last_ordinal or ordinal % dist.world != dist.rank:
-                continue
-            if isinstance(item, Rejected):
-                writer.skips.add(item.reason, item.key, item.detail)
-            else:
-                try:
-                    image = decode_image(item.load())
-                    bucket = nearest_bucket((image.size[1], image.size[0]), buckets)
-                    sample = fit_to_bucket(image, bucket)
-                except Exception as e:  # noqa: BLE001 (PIL raises many types for corrupt files)
-                    writer.skips.add(image_failure(e), item.key, describe(e))
-                else:
-                    entry = {"ordinal": ordinal, "key": item.key, "bucket": list(bucket), "captions": item.captions,
-                             "original_size": list(sample.original_size),
+                    sample = prepared.sample
+                    entry = {"ordinal": prepared.ordinal, "key": prepared.key, "bucket": list(prepared.bucket),
+                             "captions": prepared.captions, "original_size": list(sample.original_size),
                              "crop_top_left": list(sample.crop_top_left)}
                     if not chunk:
-                        before_chunk = (ordinal - 1, _copy(writer.skips))
+                        before_chunk = (last, _copy(writer.skips))
                     chunk.append((entry, sample))
                     if len(chunk) >= chunk_size:
                         encode_chunk()
                         if len(writer.pending) >= config.cache.shard_size:
-                            writer.flush(ordinal)
-            if (ordinal + 1) % 1000 == 0:
-                log.info("cache: rank %d at source entry %d, %d samples encoded", dist.rank, ordinal + 1,
-                         writer.samples + len(writer.pending))
+                            writer.flush(prepared.position)
+                last = prepared.position
+                if seen % 1000 == 0:
+                    log.info("cache: rank %d at entry %d of its part, %d samples encoded", dist.rank, seen,
+                             writer.samples + len(writer.pending))
+        finally:
+            source.close()  # ends the loader workers
         encode_chunk()
-        writer.flush(ordinal)
-        if dist.enabled:
-            dist.agree(where, 10**12 + ordinal + 1)  # every rank saw the same number of source entries
-    return ordinal
+        writer.flush(last)
+        while dist.enabled:  # this part is done; the others may not be: keep exchanging until all are
+            if rounds.exchange(stop.requested, busy=False):
+                _stop_now(stop, writer, dist)
+            if not rounds.busy:
+                break
+    return last
+
+
+class _Rounds:
+    """Status exchanges of the cache build: every SYNC_EVERY entries of its part, and after its part until
+    every rank's is done, each rank reports whether a stop was requested and whether it still reads. The
+    parts differ in length, so the number of exchanges is set by the longest part."""
+
+    def __init__(self, dist: Dist, where: str) -> None:
+        self.dist, self.where, self.count, self.busy = dist, where, 0, True
+
+    def exchange(self, stop_requested: bool, busy: bool) -> bool:
+        """True on every rank when any rank asks to stop; sets `busy` to whether any rank still reads."""
+        if not self.dist.enabled:
+            return stop_requested
+        tag = 100 + 2 * self.count
+        self.count += 1
+        stopping = self.dist.agree(self.where, tag, stop_requested)
+        self.busy = self.dist.agree(self.where, tag + 1, busy)  # "stop" carries "still reading" here
+        return stopping
+
+
+def _stop_now(stop: Stop, writer: _ShardWriter, dist: Dist) -> None:
+    stop.raise_now(f"during the cache build: {writer.shards} shard(s) of rank {dist.rank} kept "
+                   f"in {writer.folder}; the next run resumes there")
 
 
 def _copy(skips: SkipCounter) -> SkipCounter:

@@ -202,20 +202,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_layout(state: dict[str, Any], batch_size: int, world: int) -> None:
-    """The data position counts global micro-batches of batch_size x world samples: resuming continues the
-    exact sample sequence when that product is unchanged, and is refused otherwise."""
-    saved_world = int(state.get("world", 1))
+def saved_global_batch(state: dict[str, Any], batch_size: int, world: int) -> int:
+    """The global micro-batch (batch_size x processes) the checkpoint was trained with."""
     saved_batch = int(state["config"]["train"]["batch_size"]) if "config" in state else batch_size
-    if saved_batch * saved_world != batch_size * world:
-        divisors = [w for w in range(1, saved_batch * saved_world + 1) if saved_batch * saved_world % w == 0]
-        raise TrainingError(
-            f"cannot resume: the checkpoint was trained with global micro-batches of {saved_batch * saved_world} "
-            f"samples (train.batch_size={saved_batch} x {saved_world} process(es)), this run has "
-            f"{batch_size * world} ({batch_size} x {world}); the sample order cannot be continued from its position. "
-            f"Use train.batch_size={saved_batch * saved_world // world} with {world} process(es)"
-            + ("" if saved_batch * saved_world % world == 0 else f" (impossible: use {divisors} processes)")
-            + ", or start a new run from these weights with connector.init_from=<checkpoint>/connector.safetensors")
+    return saved_batch * int(state.get("world", 1))
+
+
+def check_layout(state: dict[str, Any], batch_size: int, world: int) -> None:
+    """Any layout continues a map-style data stream: the position counts samples of the epoch's seeded order
+    (data.DataPosition), and the rest of the epoch is dealt to the new one, so no sample of it is skipped or
+    repeated. A change is logged, since it changes the batches (and the result)."""
+    if "parts" in state.get("position", {}):
+        raise TrainingError("cannot resume: the checkpoint streamed its source (data.streaming, a webdataset "
+                            "without the cache) and this run indexes it; set data.streaming and cache.enabled "
+                            "as they were")
+    saved = saved_global_batch(state, batch_size, world)
+    if saved != batch_size * world:
+        log.info("resume: global micro-batch %d (train.batch_size x processes) -> %d (%d x %d); the epoch continues "
+                 "at the same sample of its order, in batches of the new size", saved, batch_size * world,
+                 batch_size, world)
 
 
 def load_checkpoint(path: Path, ella: ELLA, optimizer: torch.optim.Optimizer, dist: Dist) -> dict[str, Any]:
@@ -227,7 +232,7 @@ def load_checkpoint(path: Path, ella: ELLA, optimizer: torch.optim.Optimizer, di
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     if rng["world"] == dist.world:
         set_rng_state(rng["ranks"][dist.rank])
-    else:  # the global micro-batch is the same (check_layout): the per-sample seeds continue exactly
+    else:  # the per-sample seeds continue at the saved sample position
         log.info("checkpoint was written by %d processes, now %d: the global RNG states are not restored; "
                  "nothing the run draws comes from them (order, captions, dropout, timesteps and noise are "
                  "seeded per sample), so the sample sequence continues exactly", rng["world"], dist.world)

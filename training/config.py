@@ -86,7 +86,8 @@ class DataConfig:
     buckets: bool = True  # aspect-ratio buckets; False: centre square crops
     bucket_step: int = 64  # bucket sides are multiples of this
     max_aspect: float = 2.0  # longest bucket side over the shortest
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # loader processes: decode/resize for the cache build and the online path
+    streaming: Optional[bool] = None  # no cache: stream the source in parts (training/streaming.py); None: stream webdataset sources, index folders and manifests
 
 
 @dataclass
@@ -468,9 +469,18 @@ def problems(config: Config) -> list[str]:
             errors.append(f"{dotted}={value} must be a multiple of 8")
     if t.device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", t.device):
         errors.append(f"train.device={t.device!r} is not a device such as cpu, cuda or cuda:1")
-    if config.cache.mode == "none" and _resolved_format(d) == "webdataset":
-        errors.append("data.path is webdataset shards, which are streamed, not indexed: use cache.mode=full or "
-                      "cache.mode=latents so they are read once into the cache")
+    # the rule of training.streaming.streams(), which needs the data readers: kept in step by a test
+    streaming = config.cache.mode == "none" and (d.streaming if d.streaming is not None
+                                                 else _resolved_format(d) == "webdataset")
+    if config.cache.mode == "none" and d.streaming is False and _resolved_format(d) == "webdataset":
+        errors.append("data.path is webdataset shards, which are streamed, not indexed: leave data.streaming unset "
+                      "(or true) to train from the stream, or use cache.mode=full / latents to read them once into a cache")
+    if streaming and config.validation.holdout:
+        errors.append("validation.holdout needs an indexed source, and this run streams its data (data.streaming, "
+                      "cache.mode=none): use cache.mode=latents or full, or validation.holdout=0")
+    if streaming and t.max_steps is None:
+        errors.append("train.max_epochs alone cannot size a streamed run (its number of samples is only known at "
+                      "the end of the first epoch): set train.max_steps")
     errors += _missing_paths(config)
     return errors
 

@@ -165,33 +165,45 @@ def detect_format(path: Any) -> str:
     raise TrainingError(f"data.path {p!r}: cannot tell its format; set data.format to folder, jsonl, csv or webdataset")
 
 
+def folder_images(root: Path) -> list[Path]:
+    """The images under `root` (recursive), in source order: a listing only, nothing is read."""
+    if not root.is_dir():
+        raise TrainingError(f"data.path {root} is not a folder")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+
+
+def folder_entry(root: Path, image: Path, config: Optional[DataConfig] = None) -> Record | Rejected:
+    """One image of a folder source with its captions from `<same name><data.caption_extension>`, one caption
+    per line."""
+    extensions = caption_extensions((config or DataConfig()).caption_extension)
+    key = str(image.relative_to(root))
+    txt = next((c for c in (image.with_suffix(e) for e in extensions) if c.is_file()), image.with_suffix(extensions[0]))
+    try:
+        text = txt.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return Rejected(key, Skip.NO_CAPTION, f"no {' or '.join(image.stem + e for e in extensions)}")
+    except UnicodeDecodeError as e:
+        return Rejected(key, Skip.INVALID_UTF8, f"{txt.name}: {e.reason} at byte {e.start}")
+    except OSError as e:
+        return Rejected(key, Skip.NO_CAPTION, f"{txt.name}: {e}")
+    captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
+    return Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
+
+
+def is_imagefolder(root: Path) -> bool:
+    """A folder holding `metadata.jsonl`/`metadata.csv`: a Hugging Face imagefolder (`imagefolder_items`)."""
+    return bool(_metadata_files(root))
+
+
 def folder_items(root: Path, config: Optional[DataConfig] = None) -> Iterator[Record | Rejected]:
     """Images under `root` (recursive) with captions in `<same name><data.caption_extension>`, one caption per
     line; a folder holding `metadata.jsonl`/`metadata.csv` is a Hugging Face imagefolder (`imagefolder_items`)."""
-    if not root.is_dir():
-        raise TrainingError(f"data.path {root} is not a folder")
     config = config or DataConfig()
-    if _metadata_files(root):
+    if root.is_dir() and is_imagefolder(root):
         yield from imagefolder_items(root, config)
         return
-    extensions = caption_extensions(config.caption_extension)
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-        key = str(image.relative_to(root))
-        txt = next((c for c in (image.with_suffix(e) for e in extensions) if c.is_file()),
-                   image.with_suffix(extensions[0]))
-        try:
-            text = txt.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            yield Rejected(key, Skip.NO_CAPTION, f"no {' or '.join(image.stem + e for e in extensions)}")
-            continue
-        except UnicodeDecodeError as e:
-            yield Rejected(key, Skip.INVALID_UTF8, f"{txt.name}: {e.reason} at byte {e.start}")
-            continue
-        except OSError as e:
-            yield Rejected(key, Skip.NO_CAPTION, f"{txt.name}: {e}")
-            continue
-        captions, reason = captions_from(text.splitlines() or [""])  # an empty file: an empty caption
-        yield Rejected(key, reason, txt.name) if reason else Record(key, captions, _file_loader(image))
+    for image in folder_images(root):
+        yield folder_entry(root, image, config)
 
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -302,7 +314,9 @@ def csv_items(path: Path, config: DataConfig) -> Iterator[Record | Rejected]:
         yield _row_item(row, path.parent, config, f"{path}:{reader.line_num}")
 
 
-def _tar_urls(path: Any) -> list[str]:
+def tar_urls(path: Any) -> list[str]:
+    """The shards of a webdataset source, in source order: a list, brace patterns joined by "::", a folder of
+    .tar files, or one path/URL."""
     if isinstance(path, (list, tuple)):
         return [str(p) for p in path]
     text = str(path)
@@ -325,39 +339,44 @@ def _open_shard(url: str) -> Any:
 
 
 def webdataset_items(path: Any, config: DataConfig) -> Iterator[Record | Rejected]:
-    """Samples of tar shards (local or URLs): members grouped by key (`key.png`, `key.txt`, `key.json`).
+    """Samples of tar shards (local or URLs), shard after shard (see `shard_items`)."""
+    for url in tar_urls(path):
+        yield from shard_items(url, config)
+
+
+def shard_items(url: str, config: DataConfig) -> Iterator[Record | Rejected]:
+    """Samples of one tar shard: members grouped by key (`key.png`, `key.txt`, `key.json`), in member order.
     Images: jpg/png/webp; captions: `.txt` (one per line) or `.json` fields named by data.caption_columns.
     A shard cut short or unparseable costs the sample it was in and is counted once, never fatal."""
-    for url in _tar_urls(path):
+    try:
+        stream = _open_shard(url)
+    except OSError as e:
+        yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
+        return
+    try:
+        group: dict[str, bytes] = {}
+        key = None
         try:
-            stream = _open_shard(url)
-        except OSError as e:
-            yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
-            continue
-        try:
-            group: dict[str, bytes] = {}
-            key = None
-            try:
-                for name, payload in tar_members(stream):
-                    base, ext = _split_key(name)
-                    if base is None:
-                        continue
-                    if base != key and group:
-                        yield _tar_sample(f"{url}#{key}", group, config)
-                        group = {}
-                    key = base
-                    group[ext] = payload
-                if group:
+            for name, payload in tar_members(stream):
+                base, ext = _split_key(name)
+                if base is None:
+                    continue
+                if base != key and group:
                     yield _tar_sample(f"{url}#{key}", group, config)
-            except TruncatedTar as e:
-                yield Rejected(url, Skip.TRUNCATED_SHARD, str(e))
-            except (CorruptTar, OSError) as e:
-                yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
-        finally:
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001 (a failed curl pipe reports on close; the shard is counted above)
-                pass
+                    group = {}
+                key = base
+                group[ext] = payload
+            if group:
+                yield _tar_sample(f"{url}#{key}", group, config)
+        except TruncatedTar as e:
+            yield Rejected(url, Skip.TRUNCATED_SHARD, str(e))
+        except (CorruptTar, OSError) as e:
+            yield Rejected(url, Skip.UNREADABLE_SHARD, str(e))
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 (a failed curl pipe reports on close; the shard is counted above)
+            pass
 
 
 def _split_key(name: str) -> tuple[Optional[str], str]:
@@ -397,9 +416,13 @@ def _tar_sample(key: str, group: dict[str, bytes], config: DataConfig) -> Record
 
 
 # ---------------------------------------------------------------- all sources
+def source_format(config: DataConfig) -> str:
+    return config.format if config.format != "auto" else detect_format(config.path)
+
+
 def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
     """Every entry of the source, usable or not, in source order (the same order on every process)."""
-    fmt = config.format if config.format != "auto" else detect_format(config.path)
+    fmt = source_format(config)
     if fmt == "webdataset":
         yield from webdataset_items(config.path, config)
         return
@@ -407,6 +430,11 @@ def stream_items(config: DataConfig) -> Iterator[Record | Rejected]:
     if fmt == "folder":
         yield from folder_items(path, config)
         return
+    yield from manifest_items(path, fmt, config)
+
+
+def manifest_items(path: Path, fmt: str, config: DataConfig) -> Iterator[Record | Rejected]:
+    """The rows of a JSONL or CSV manifest."""
     if not path.is_file():
         raise TrainingError(f"data.path {path}: manifest not found")
     yield from jsonl_items(path, config) if fmt == "jsonl" else csv_items(path, config)
@@ -422,10 +450,9 @@ def stream_records(config: DataConfig, skips: SkipCounter) -> Iterator[Record]:
 
 
 def indexable_records(config: DataConfig, skips: SkipCounter) -> list[Record]:
-    fmt = config.format if config.format != "auto" else detect_format(config.path)
-    if fmt == "webdataset":
-        raise TrainingError("webdataset shards are streamed, not indexed: use cache.mode=full or cache.mode=latents "
-                         "so they are read once into the cache")
+    if source_format(config) == "webdataset":
+        raise TrainingError("webdataset shards are streamed, not indexed: leave data.streaming unset (or true) to "
+                            "train from the stream, or use cache.mode=full or latents to read them once into a cache")
     return list(stream_records(config, skips))
 
 
@@ -556,17 +583,38 @@ def epoch_batches(buckets: Sequence[tuple[int, int]] | np.ndarray, global_batch:
 
 @dataclass
 class DataPosition:
-    """Where the data stream is: the epoch and the next global micro-batch within it."""
+    """Where the data stream is: the epoch, how many samples of the epoch's order are done, and the global
+    micro-batch that order was drawn with (`epoch_batches`; 0: the current one). The order is a sequence of
+    single-bucket blocks; any layout consumes it front to back, so a run resumed with another number of
+    processes or batch size continues at the same sample."""
 
     epoch: int = 0
-    batch: int = 0
+    sample: int = 0
+    order_batch: int = 0
 
     def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "sample": self.sample, "order_batch": self.order_batch}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], saved_global_batch: int) -> "DataPosition":
+        """From a checkpoint; older ones counted global micro-batches ({"epoch", "batch"})."""
+        if "sample" in saved:
+            return cls(int(saved["epoch"]), int(saved["sample"]), int(saved["order_batch"]))
+        return cls(int(saved["epoch"]), int(saved["batch"]) * saved_global_batch, saved_global_batch)
+
+
+def even_share(n: int, world: int, rank: int) -> slice:
+    """Rank's contiguous share of n samples dealt as evenly as possible (n = batch x world: batch each)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
 
 
 class BatchPlan:
-    """Endless stream of this rank's micro-batches: lists of (sample index, position seed)."""
+    """Endless stream of this rank's micro-batches: lists of (sample index, position seed).
+
+    Global micro-batches of batch_size x world samples are cut from the blocks of the epoch's order; where
+    a block does not divide into them (an epoch begun with another layout), the rest of the block is one
+    smaller global batch dealt evenly (a rank may get none: an empty list). The seed of a sample visit is
+    that of its place in the epoch's order, whatever the layout."""
 
     def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, world: int, rank: int, seed: int,
                  position: Optional[DataPosition] = None) -> None:
@@ -584,14 +632,20 @@ class BatchPlan:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         global_batch = self.batch_size * self.world
         while True:
-            batches = epoch_batches(self.buckets, global_batch, self.seed, self.position.epoch)
-            while self.position.batch < len(batches):
-                b = self.position.batch
-                chunk = batches[b][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-                first = b * global_batch + self.rank * self.batch_size
-                self.position.batch += 1
-                yield [(i, sample_seed(self.seed, self.position.epoch, first + j)) for j, i in enumerate(chunk)]
-            self.position = DataPosition(self.position.epoch + 1, 0)
+            epoch, done = self.position.epoch, self.position.sample
+            order_batch = self.position.order_batch or global_batch
+            first = 0  # place in the epoch's order of the block's first sample
+            for block in epoch_batches(self.buckets, order_batch, self.seed, epoch):
+                start = max(first, done)
+                while start < first + len(block):
+                    piece = block[start - first:start - first + global_batch]
+                    share = even_share(len(piece), self.world, self.rank)
+                    self.position = DataPosition(epoch, start + len(piece), order_batch)
+                    yield [(i, sample_seed(self.seed, epoch, start + share.start + j))
+                           for j, i in enumerate(piece[share])]
+                    start += len(piece)
+                first += len(block)
+            self.position = DataPosition(epoch + 1, 0, global_batch)
 
 
 # ---------------------------------------------------------------- datasets
@@ -663,10 +717,10 @@ class _PlanSampler(torch.utils.data.Sampler):
     def __init__(self, plan: BatchPlan) -> None:
         self.plan = plan
 
-    def __iter__(self):  # yields lists of (index, seed, epoch, batch number after this one)
+    def __iter__(self):  # yields lists of (index, seed, the data position after this batch)
         for items in self.plan:
-            pos = (self.plan.position.epoch, self.plan.position.batch)
-            yield [(i, s) + pos for i, s in items]
+            pos = (self.plan.position.epoch, self.plan.position.sample, self.plan.position.order_batch)
+            yield [(i, s) + pos for i, s in items] or [(-1, 0) + pos]  # -1: this rank has none this time
 
 
 class _WithPosition(torch.utils.data.Dataset):
@@ -679,15 +733,17 @@ class _WithPosition(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
-        index, seed, epoch, batch = item
-        return {**self.inner[(index, seed)], "position": (epoch, batch)}
+    def __getitem__(self, item: tuple[int, ...]) -> dict[str, Any]:
+        index, seed, *position = item
+        if index < 0:
+            return {"position": tuple(position)}
+        return {**self.inner[(index, seed)], "position": tuple(position)}
 
 
 def _collate_with_position(items: list[dict[str, Any]]) -> dict[str, Any]:
     position = items[0]["position"]
-    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items])
-    batch["position"] = position
+    batch = collate([{k: v for k, v in it.items() if k != "position"} for it in items if len(it) > 1])
+    batch["position"] = DataPosition(*position)
     return batch
 
 def make_loader(dataset: torch.utils.data.Dataset, plan: BatchPlan, num_workers: int) -> torch.utils.data.DataLoader:

@@ -31,7 +31,8 @@ from ella_core import ELLA
 
 from . import cache as feature_cache
 from . import online
-from .checkpoints import check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint
+from .checkpoints import (check_layout, load_checkpoint, remove_orphans, resolve_resume, save_checkpoint,
+                          saved_global_batch)
 from .config import Config, OptimConfig, TrainConfig, result_changes, save_config
 from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, describe, epoch_batches, image_failure,
                    image_size, indexable_records, make_buckets, make_loader, nearest_bucket)
@@ -42,6 +43,7 @@ from .reporting import open_reporter
 from .split import TrainingSubset, check_source_size, require_full_batch, split_holdout
 from .stopping import Stop
 from .validation import HeldOut, ema_model, sample_key, validation_images
+from .streaming import StreamingBatches, StreamPosition, check_stream_layout, streams
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -71,9 +73,12 @@ def run_length(t: TrainConfig, batches_per_epoch: int) -> int:
     return min(limits)
 
 
-def epoch_progress(position: DataPosition, batches_per_epoch: int) -> float:
-    """Epochs completed, fractional: 1.5 is halfway through the second."""
-    return position.epoch + position.batch / max(1, batches_per_epoch)
+def epoch_progress(position: Any, samples_per_epoch: int) -> float:
+    """Epochs completed, fractional: 1.5 is halfway through the second (a streamed run: whole epochs only,
+    its epoch's length is not known before it ends)."""
+    if isinstance(position, DataPosition):
+        return position.epoch + position.sample / max(1, samples_per_epoch)
+    return float(position.epoch)
 
 
 def snr_weights(base: Base, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -124,6 +129,9 @@ def prepare_data(config: Config, base: Base, dist: Dist, stop: Stop) -> Data:
             llm, empty = online.load_resident_llm(config, dist)
             return Data(dataset, cache.buckets, empty, llm, skipped, cache)
         return Data(dataset, cache.buckets, cache.empty_features(), None, skipped, cache)
+    if streams(config):  # the source is read in parts by the loader workers, never indexed
+        llm, empty = online.load_resident_llm(config, dist)
+        return Data(None, [], empty, llm, skipped, None)
     records = indexable_records(d, skipped)
     bucket_set = make_buckets(d.resolution, d.bucket_step, d.max_aspect, d.buckets)
     kept, buckets = [], []
@@ -192,9 +200,10 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
 
 def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.Module, ella: ELLA,
                    optimizer: torch.optim.Optimizer, scaler: Any, config: Config, dist: Dist, autocast: Any
-                   ) -> tuple[list[torch.Tensor], int, DataPosition]:
+                   ) -> tuple[list[torch.Tensor], int, Any]:
     """One optimizer step over grad_accum micro-batches (gradients synchronised on the last one only).
-    Returns the micro-batch losses, the samples seen by all ranks, and the data position after it."""
+    Returns the micro-batch losses, the samples seen by all ranks, and the data position after it (a
+    DataPosition, or a StreamPosition when streaming)."""
     t = config.train
     optimizer.zero_grad(set_to_none=True)
     losses, samples = [], 0
@@ -213,7 +222,7 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
         torch.nn.utils.clip_grad_norm_(ella.parameters(), config.optim.max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    return losses, samples, DataPosition(*batch["position"])
+    return losses, samples, batch["position"]
 
 
 # ---------------------------------------------------------------- the run
@@ -282,7 +291,10 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             if changes:
                 log.warning("resume: these settings differ from %s's and change the result:\n  %s", resume.name,
                             "\n  ".join(changes))
-            check_layout(saved_state, t.batch_size, dist.world)
+            if streams(config):
+                check_stream_layout(saved_state, dist.world, config.data.num_workers)
+            else:
+                check_layout(saved_state, t.batch_size, dist.world)
     chosen = dist.gather(str(resume))
     if len(set(chosen)) > 1:
         raise TrainingError(f"the processes chose different checkpoints to resume from: {chosen}; is output_dir "
@@ -301,9 +313,11 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                     data.skipped.examples[:3])
 
     # the held-out samples (never trained on) and the length of the run
-    require_full_batch(len(data.dataset), config, dist.world, f"data.path {config.data.path}")
-    train_indices, held_indices = range(len(data.dataset)), []
-    if config.validation.holdout:
+    streaming = streams(config)
+    if not streaming:
+        require_full_batch(len(data.dataset), config, dist.world, f"data.path {config.data.path}")
+    train_indices, held_indices = range(len(data.dataset) if not streaming else 0), []
+    if config.validation.holdout:  # not when streaming (refused by the config check)
         keys = [sample_key(data, i) for i in range(len(data.dataset))]
         train_indices, held_indices = split_holdout(keys, config.validation.holdout, config.seed)
     heldout = HeldOut(data, held_indices, config) if held_indices else None
@@ -314,8 +328,9 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             (out / "holdout.txt").write_text("".join(keys[i] + "\n" for i in held_indices))
     train_buckets = [data.buckets[i] for i in train_indices] if held_indices else data.buckets
     train_dataset = TrainingSubset(data.dataset, train_indices) if held_indices else data.dataset
-    batches_per_epoch = len(epoch_batches(train_buckets, t.batch_size * dist.world, config.seed, 0))
-    total = run_length(t, batches_per_epoch)
+    epoch_order = epoch_batches(train_buckets, t.batch_size * dist.world, config.seed, 0) if not streaming else []
+    batches_per_epoch, samples_per_epoch = len(epoch_order), sum(len(b) for b in epoch_order)
+    total = run_length(t, batches_per_epoch) if not streaming else t.max_steps
     log.info("%d optimizer steps (train.max_steps=%s, train.max_epochs=%s; an epoch is %d micro-batches of %d)",
              total, t.max_steps, t.max_epochs, batches_per_epoch, t.batch_size * dist.world)
     torch.manual_seed(config.seed)  # same initial connector however many processes and whatever ran before
@@ -340,7 +355,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     if resume is not None:
         state = load_checkpoint(resume, ella, optimizer, dist)
         step, samples_seen = state["step"], state["samples_seen"]
-        position = DataPosition(**state["position"])
+        position = (StreamPosition.from_dict(state["position"]) if streams(config) else
+                    DataPosition.from_dict(state["position"], saved_global_batch(state, t.batch_size, dist.world)))
         data.skipped = SkipCounter()  # the saved counts already include the cache's and earlier steps'
         data.skipped.merge(state["skipped"])
         if ema is not None and "ema" in state:
@@ -349,17 +365,21 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", resume, step)
 
-    plan = BatchPlan(train_buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
-    batches = iter(make_loader(train_dataset, plan, config.data.num_workers))
+    if streams(config):
+        batches = iter(StreamingBatches(config, dist, position if resume is not None else None))
+    else:
+        plan = BatchPlan(train_buckets, t.batch_size, dist.world, dist.rank, config.seed, position)
+        batches = iter(make_loader(train_dataset, plan, config.data.num_workers))
     metrics_file = None
     if dist.is_main:
         keep_metrics_until(out / "metrics.jsonl", step)  # steps after the checkpoint are trained again
         metrics_file = open(out / "metrics.jsonl", "a")
     reporter = open_reporter(config, out, step, dist.is_main)
-    epochs_done = int(epoch_progress(position, batches_per_epoch))
+    epochs_done = int(epoch_progress(position, samples_per_epoch))
 
     def save(at_step: int) -> None:
-        state = {"step": at_step, "samples_seen": samples_seen, "position": position.to_dict(),
+        where = position.gathered(dist) if isinstance(position, StreamPosition) else position.to_dict()
+        state = {"step": at_step, "samples_seen": samples_seen, "position": where,
                  "skipped": data.all_skips(dist).to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "world": dist.world, "config": config.to_dict()}
         save_checkpoint(ckpt_root, at_step, ella, connector_metadata(config, base, at_step), optimizer,
@@ -383,7 +403,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             if ema is not None:
                 ema.update(ella, step)
             bar.update(1)
-            epoch = epoch_progress(position, batches_per_epoch)
+            epoch = epoch_progress(position, samples_per_epoch)
             if int(epoch) > epochs_done:
                 epochs_done = int(epoch)
                 log.info("epoch %d%s done at step %d", epochs_done, f" of {t.max_epochs}" if t.max_epochs else "",

@@ -67,15 +67,15 @@ def _tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def _stop_after(monkeypatch, stop: Stop, items: int) -> None:
     """The source sends SIGTERM's flag after `items` entries (as the handler would, deferred)."""
-    real = feature_cache.stream_items
+    real = feature_cache.prepared_source
 
-    def stream(config):
-        for n, item in enumerate(real(config)):
+    def stream(*args):
+        for n, item in enumerate(real(*args)):
             if n == items:
                 stop.signum = signal.SIGTERM
             yield item
 
-    monkeypatch.setattr(feature_cache, "stream_items", stream)
+    monkeypatch.setattr(feature_cache, "prepared_source", stream)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +210,29 @@ def test_check_finite_names_the_bad_samples(values, bad):
 def test_llm_fix_names_the_dtype():
     config = load_config(TINY_CONFIG, ["model.pretrained=o/b", "llm.source=o/t5", "data.path=/tmp", "llm.dtype=fp16"])
     assert "llm.dtype=bfloat16 or float32" in feature_cache.llm_fix(config)
+
+
+@pytest.mark.parametrize("workers, stop_at, resume_workers", [(2, None, None), (1, None, None), (2, 5, 0),
+                                                              (2, 13, 2), (0, 9, 2), (3, 0, 1)])
+def test_a_build_in_loader_workers_equals_the_in_process_build(models, tiny_sd15, tiny_t5, data, reference,
+                                                               tmp_path, monkeypatch, workers, stop_at,
+                                                               resume_workers):
+    """Decoding in data.num_workers processes changes nothing in the shards, bit for bit, also when the build
+    is interrupted and resumed with another number of workers."""
+    base, llm = models
+    config = _config(tiny_sd15, tiny_t5, data, tmp_path, f"data.num_workers={workers}")
+    if stop_at is not None:
+        stop = Stop()
+        _stop_after(monkeypatch, stop, stop_at)
+        with pytest.raises(StopRequested, match="during the cache build"):
+            _build(config, base, llm, stop)
+        monkeypatch.undo()
+        config = _config(tiny_sd15, tiny_t5, data, tmp_path, f"data.num_workers={resume_workers}")
+    folder = _build(config, base, llm)
+    ref_folder, ref_tensors, ref_index = reference
+    assert folder == ref_folder.parent.parent / tmp_path.name / ref_folder.name  # workers are not in the hash
+    index = json.loads((folder / "index.json").read_text())
+    assert index["skipped"] == ref_index["skipped"] and index["entries"] == ref_index["entries"]
+    tensors = _tensors(folder)
+    assert tensors.keys() == ref_tensors.keys()
+    assert all(torch.equal(v, tensors[key][k]) for key, parts in ref_tensors.items() for k, v in parts.items())

@@ -137,7 +137,7 @@ def test_batch_plan_is_the_same_split_over_processes_and_resumable():
         assert global_batch == next(it2[0]) + next(it2[1])
         assert len({buckets[i] for i, _ in global_batch}) == 1
     # resuming from a saved position continues the same stream
-    saved = DataPosition(one.position.epoch, one.position.batch)
+    saved = DataPosition(**one.position.to_dict())
     expected = [next(it1) for _ in range(4)]
     resumed = iter(BatchPlan(buckets, 4, 1, 0, seed=3, position=saved))
     assert [next(resumed) for _ in range(4)] == expected

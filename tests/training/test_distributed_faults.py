@@ -98,15 +98,16 @@ def test_cache_dir_not_shared_is_an_error_on_every_rank(tiny_sd15, tiny_t5, data
     assert f"rank 1 on {socket.gethostname()} does not see the files of rank(s) [0]" in results[1][1]
 
 
-def test_sigterm_to_one_rank_stops_both_and_the_rerun_resumes(tiny_sd15, tiny_t5, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_to_one_rank_stops_both_and_the_rerun_resumes(tiny_sd15, tiny_t5, tmp_path, workers):
     """SIGTERM to rank 0 only, mid cache build: rank 1 learns it at the next status exchange, both keep their
     finished shards and exit with 143; two fresh ranks then finish the cache without redoing those shards."""
     import signal
 
     from tests.training.train_helpers import synthetic_samples, write_folder
 
-    data = write_folder(tmp_path / "data", synthetic_samples(200, seed=9))  # exchanges at entries 0, 64, 128, 192
-    args = _args(tiny_sd15, tiny_t5, data, tmp_path / "run")
+    data = write_folder(tmp_path / "data", synthetic_samples(200, seed=9))  # 100 a rank: exchanges at 0 and 64
+    args = _args(tiny_sd15, tiny_t5, data, tmp_path / "run", f"data.num_workers={workers}")
     port = str(_free_port())
     procs = [subprocess.Popen(
         [sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),

@@ -74,9 +74,11 @@ def test_signal_during_start_up_exits_at_once(tiny_sd15, tiny_t5, datasets, tmp_
     print(f"exit {elapsed:.2f} s after {signal.Signals(sig).name} during start-up")
 
 
-def test_sigterm_during_the_cache_build_keeps_shards_and_the_rerun_resumes(tiny_sd15, tiny_t5, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_during_the_cache_build_keeps_shards_and_the_rerun_resumes(tiny_sd15, tiny_t5, tmp_path, workers):
     data = write_folder(tmp_path / "data", synthetic_samples(40, seed=8))
-    args = _common(tiny_sd15, tiny_t5, data, tmp_path / "run") + ["cache.shard_size=4", "train.max_steps=1"]
+    args = _common(tiny_sd15, tiny_t5, data, tmp_path / "run") + ["cache.shard_size=4", "train.max_steps=1",
+                                                                   f"data.num_workers={workers}"]
     cache_root = tmp_path / "run" / "cache"
     shards = lambda: sorted(cache_root.glob("*/r0-*.safetensors"))  # noqa: E731
     trainer = Trainer(args, {"ELLA_TEST_SLOW_ENCODE_S": "0.4"})  # 10 chunks: at least 4 s of encoding

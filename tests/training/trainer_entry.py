@@ -4,6 +4,8 @@
   ELLA_TEST_SLOW_ENCODE_S    sleep this long before each cache chunk is encoded (a slow cache build)
   ELLA_TEST_FAULT            "<where>:<how>@<rank>": where in (merge, encode), how in (raise, exit)
   ELLA_TEST_ARGS_<rank>      extra overrides for that rank only (e.g. its own cache.dir)
+  ELLA_TEST_SEEN             a folder: every trained sample visit (key, seed, epoch, world) appended to
+                             <folder>/r<rank>.jsonl
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def _install() -> list[str]:
             return real_encode(*args, **kwargs)
 
         cache.encode_texts = slow_encode
+    seen = os.environ.get("ELLA_TEST_SEEN")
+    if seen:
+        import json
+
+        real_loss = loop.micro_step_loss
+        Path(seen).mkdir(parents=True, exist_ok=True)
+        world = os.environ.get("WORLD_SIZE", "1")
+
+        def recording_loss(batch, *args, **kwargs):
+            with open(Path(seen) / f"r{RANK}.jsonl", "a") as f:
+                for key, seed in zip(batch.get("key", []), batch.get("seed", [])):
+                    f.write(json.dumps({"key": key, "seed": seed, "epoch": batch["position"].epoch,
+                                        "world": int(world)}) + "\n")
+            return real_loss(batch, *args, **kwargs)
+
+        loop.micro_step_loss = recording_loss
     fault = os.environ.get("ELLA_TEST_FAULT")
     if fault:
         spec, rank = fault.split("@")

@@ -1,0 +1,94 @@
+"""Cache-pass throughput of the source side: images/s read, decoded and fitted to 512 px buckets with
+data.num_workers = 0, 1, 2 loader workers (training/decoding.py), alone and with a tiny VAE encoding
+chunks of 16 in the main process meanwhile (as the cache build does).
+
+Synthetic photos-like data (smooth noise, JPEG q90 and PNG, 640x480 and 480x704), a folder with captions.
+
+    python bench/bench_training.py --source [--source-images 96]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.config import DataConfig  # noqa: E402
+from training.data import make_buckets  # noqa: E402
+from training.decoding import prepared_part  # noqa: E402
+
+CHUNK = 16
+
+
+def _write_images(folder: Path, count: int, fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        w, h = (640, 480) if i % 2 == 0 else (480, 704)
+        small = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)  # smooth: compresses like a photo
+        image = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+        name = folder / f"img{i:05d}.{'jpg' if fmt == 'jpeg' else 'png'}"
+        image.save(name, **({"quality": 90} if fmt == "jpeg" else {}))
+        name.with_suffix(".txt").write_text(f"a synthetic picture number {i}\n")
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    # four levels, as SD's VAE: 512 px -> 64x64 latents (three levels would put the mid-block attention on 128x128)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         norm_num_groups=8, sample_size=512).eval()
+
+
+def _rate(config: DataConfig, workers: int, vae) -> float:
+    """Images/s of one pass over the folder (the first item's start-up included)."""
+    buckets = make_buckets(config.resolution, config.bucket_step, config.max_aspect, config.buckets)
+    started, count, chunk = time.perf_counter(), 0, []
+    for prepared in prepared_part(config, 0, 1, 0, buckets, workers):
+        count += 1
+        if vae is not None and prepared.sample is not None:
+            chunk.append(prepared)
+            if len(chunk) == CHUNK:
+                _encode(vae, chunk)
+                chunk = []
+    if vae is not None and chunk:
+        _encode(vae, chunk)
+    return count / (time.perf_counter() - started)
+
+
+def _encode(vae, chunk) -> None:
+    by_bucket: dict = {}
+    for p in chunk:
+        by_bucket.setdefault(p.bucket, []).append(p.sample.pixels)
+    with torch.no_grad():
+        for pixels in by_bucket.values():
+            vae.encode(torch.stack(pixels)).latent_dist.mode()
+
+
+def source_lines(images: int = 96, workers: tuple[int, ...] = (0, 1, 2)) -> list[str]:
+    """The measurement as printed lines."""
+    lines = [f"cache pass, source side: {images} synthetic images at 512 px buckets, torch threads "
+             f"{torch.get_num_threads()}, {len(os.sched_getaffinity(0))} CPU(s)"]
+    vae = _tiny_vae()
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("jpeg", "png"):
+            folder = Path(tmp) / fmt
+            folder.mkdir()
+            _write_images(folder, images, fmt)
+            config = DataConfig(format="folder", path=str(folder), resolution=512, bucket_step=64)
+            for label, model in (("decode + resize", None), ("+ tiny VAE", vae)):
+                rates = [f"{w} worker(s) {_rate(config, w, model):6.1f}" for w in workers]
+                lines.append(f"  {fmt:<4} {label:<15} images/s: " + ", ".join(rates))
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(source_lines()))
