@@ -469,9 +469,7 @@ def problems(config: Config) -> list[str]:
             errors.append(f"{dotted}={value} must be a multiple of 8")
     if t.device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", t.device):
         errors.append(f"train.device={t.device!r} is not a device such as cpu, cuda or cuda:1")
-    # the rule of training.streaming.streams(), which needs the data readers: kept in step by a test
-    streaming = config.cache.mode == "none" and (d.streaming if d.streaming is not None
-                                                 else _resolved_format(d) == "webdataset")
+    streaming = streamed_run(config)
     if config.cache.mode == "none" and d.streaming is False and _resolved_format(d) == "webdataset":
         errors.append("data.path is webdataset shards, which are streamed, not indexed: leave data.streaming unset "
                       "(or true) to train from the stream, or use cache.mode=full / latents to read them once into a cache")
@@ -506,6 +504,14 @@ def cache_root(config: Config) -> Path:
     if os.environ.get("ELLA_TSC_CACHE_DIR"):
         return Path(os.environ["ELLA_TSC_CACHE_DIR"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ella-tsc" / "features"
+
+
+def streamed_run(config: Config) -> bool:
+    """training.streaming.streams() from the settings alone (that one asks the data readers for the format;
+    tests/training/test_streaming_config.py keeps the two in step)."""
+    d = config.data
+    return config.cache.mode == "none" and (d.streaming if d.streaming is not None
+                                            else _resolved_format(d) == "webdataset")
 
 
 def _resolved_format(d: DataConfig) -> str:
