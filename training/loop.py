@@ -36,8 +36,9 @@ from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, de
 from .distributed import Dist, setup
 from .errors import TrainingError
 from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm, sdxl_time_ids
+from .optim import clip_gradients, make_optimizer
 from .sampling import sample
-from .stopping import Stop
+from .stopping import Stop, stop_check_due
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -180,7 +181,7 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
         losses.append(loss.detach())
     if config.optim.max_grad_norm:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(ella.parameters(), config.optim.max_grad_norm)
+        clip_gradients(ella.parameters(), config.optim.max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     return losses, samples, DataPosition(*batch["position"])
@@ -209,6 +210,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     stop = stop or Stop().install()
     t = config.train
     dist = setup(t.device, t.backend, t.collective_timeout_s)
+    if t.threads:
+        torch.set_num_threads(t.threads)
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     with dist.failing_together("start-up"):
@@ -222,8 +225,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     torch.manual_seed(config.seed + dist.rank)
     if dist.is_main:
         save_config(config, out / "config.yaml")
-    log.info("%d process(es), device %s, global batch %d", dist.world, dist.device,
-             t.batch_size * t.grad_accum * dist.world)
+    log.info("%d process(es), device %s, %d CPU threads, global batch %d", dist.world, dist.device,
+             torch.get_num_threads(), t.batch_size * t.grad_accum * dist.world)
 
     # resume: which checkpoint, and whether it can continue this run (before anything is loaded)
     resume, saved_state = None, None
@@ -261,11 +264,11 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     if t.compile:
         step_module = torch.compile(step_module)
     if dist.enabled:
+        # gradients as views of DDP's all-reduce buckets: no copy between the two after each sync
         step_module = DistributedDataParallel(step_module, device_ids=[dist.device] if dist.device.type == "cuda"
-                                              else None)
+                                              else None, gradient_as_bucket_view=True)
     o = config.optim
-    optimizer = torch.optim.AdamW(ella.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = make_optimizer(ella.parameters(), o, dist.device)  # fused AdamW (training/optim.py)
     ema = EMA(ella, t.ema_decay) if t.ema_decay else None
     use_autocast = t.mixed_precision != "no"
     autocast = (torch.autocast(dist.device.type, dtype=weight_dtype) if use_autocast else contextlib.nullcontext())
@@ -309,6 +312,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started, started_step = time.time(), step
     stopping = False
+    interval_losses: list[torch.Tensor] = []  # on the device until the next log step
     stop.phase = "training"
     with stop.deferred():
         while step < t.max_steps:
@@ -318,12 +322,14 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                                                  dist, autocast)
             samples_seen += n
             step += 1
+            interval_losses.extend(losses)
             if ema is not None:
                 ema.update(ella, step)
             bar.update(1)
 
             if step % t.log_every == 0 or step == t.max_steps:
-                loss_value = dist.mean(torch.stack(losses).mean()).item()
+                loss_value = dist.mean(torch.stack(interval_losses).mean()).item()  # the interval's mean
+                interval_losses.clear()
                 skipped = data.all_skips(dist).total
                 if not math.isfinite(loss_value):
                     raise TrainingError(f"loss is {loss_value} at step {step} although the latents and features "
@@ -342,7 +348,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
             v = config.validation
             if v.every and v.prompts and step % v.every == 0:
                 validate(config, base, ella, ema, data, dist, out, writer, step)
-            stopping = dist.any(stop.requested)
+            # an all-reduce and a host sync: every stop_check_every steps (at once in a single process)
+            stopping = stop_check_due(step, t.stop_check_every, dist.enabled) and dist.any(stop.requested)
             if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
                 save(step)
             if stopping:
