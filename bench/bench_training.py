@@ -8,6 +8,7 @@ safetensors shard. The connector's backward is timed apart from the UNet's by sp
 context (same maths as one backward).
 
     python bench/bench_training.py --batch 1 --steps 3 [--device cuda] [--llm smollm2|t5xl]
+    python bench/bench_training.py --step-only --resolution 512 --step-rounds 3   # the connector's step share
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ella_core import ELLA, ELLAConfig, load_text_encoder  # noqa: E402
+from training.config import OptimConfig  # noqa: E402
+from training.optim import make_optimizer  # noqa: E402
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llm", choices=("smollm2", "t5xl"), default="smollm2")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--step-rounds", type=int, default=3, help="rounds of bench/training_step.py (0: skip)")
+    parser.add_argument("--step-only", action="store_true", help="only the step share (training_step.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,9 +106,14 @@ def main() -> None:
     unet = UNet2DConditionModel(**SD15_UNET).to(device).requires_grad_(False).eval()
     vae = AutoencoderKL(**SD15_VAE).to(device).requires_grad_(False).eval()
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    if args.step_only:
+        from training_step import step_lines
+
+        print("\n".join(step_lines(unet, device, args.batch, args.resolution // 8, args.step_rounds)))
+        return
     llm = build_llm(args.llm, device)
     ella = ELLA(ELLAConfig(input_dim=llm.hidden_size)).to(device).train()
-    optimizer = torch.optim.AdamW(ella.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = make_optimizer(ella.parameters(), OptimConfig(), device)  # the trainer's AdamW
     b, res, latent = args.batch, args.resolution, args.resolution // 8
     prompts = ["A vivid red book with a smooth, matte cover lies next to a glossy yellow vase on a dark wood table"]
     png = io.BytesIO()
@@ -164,6 +174,10 @@ def main() -> None:
         for k, v in per_step.items():
             print(f"  {k:<14} {v * 1000:9.1f} ms  {100 * v / total:5.1f} %")
         print(f"  connector share (fwd + bwd + AdamW): {100 * connector / total:.1f} % of the step")
+    if args.step_rounds:
+        from training_step import step_lines
+
+        print("\n" + "\n".join(step_lines(unet, device, args.batch, latent, args.step_rounds)))
 
 
 if __name__ == "__main__":

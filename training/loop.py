@@ -36,9 +36,10 @@ from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, de
 from .distributed import Dist, setup
 from .errors import TrainingError
 from .models import EMA, Base, ConnectorStep, build_connector, encode_texts, load_base, load_llm, sdxl_time_ids
-from .optim import clip_gradients, make_optimizer
+from .optim import clip_and_step, make_optimizer
 from .sampling import sample
 from .stopping import Stop, stop_check_due
+from .transfer import to_device
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -125,24 +126,24 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
                     device: torch.device, autocast: Any) -> tuple[torch.Tensor, int]:
     """Loss of one micro-batch (mean over its samples) and the number of samples it had."""
     if "seed" not in batch:  # every sample of this micro-batch failed to load: keep collectives in step
-        features = data.empty[None].to(device)
+        features = to_device(data.empty[None], device)
         with autocast:
             context, pooled = step_module(features, torch.zeros(1, device=device))
         zero = context.float().sum() * 0.0 + (pooled.float().sum() * 0.0 if pooled is not None else 0.0)
         return zero, 0
     with torch.no_grad():
         if "latents" in batch:
-            latents = batch["latents"].to(device)  # (B, C, h, w), already scaled
-            features = batch["features"].to(device)  # (B, L, D)
+            latents = to_device(batch["latents"], device)  # (B, C, h, w), already scaled
+            features = to_device(batch["features"], device)  # (B, L, D)
         else:
-            latents = base.encode_pixels(batch["pixels"].to(device)).float()
+            latents = base.encode_pixels(to_device(batch["pixels"], device)).float()
             feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
             features = encode_texts(data.llm, batch["text"], config.llm).float().to(device)
             feature_cache.check_finite(features, batch["key"], "LLM features", feature_cache.llm_fix(config))
     b = latents.shape[0]
     timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
                                   config.train.noise_offset)
-    timesteps, noise = timesteps.to(device), noise.to(device)
+    timesteps, noise = to_device(timesteps, device), to_device(noise, device)
     noisy = base.scheduler.add_noise(latents, noise, timesteps)
     target = noise if base.prediction_type == "epsilon" else base.scheduler.get_velocity(latents, noise, timesteps)
     added = None
@@ -150,8 +151,8 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
         context, pooled = step_module(features, timesteps.float())  # (B, N, W), (B, P) or None
         if base.kind == "sdxl":
             target_size = (latents.shape[2] * base.latent_scale, latents.shape[3] * base.latent_scale)
-            time_ids = torch.tensor([sdxl_time_ids(o, c, target_size) for o, c in
-                                     zip(batch["original_size"], batch["crop_top_left"])], device=device)
+            time_ids = to_device(torch.tensor([sdxl_time_ids(o, c, target_size) for o, c in
+                                               zip(batch["original_size"], batch["crop_top_left"])]), device)
             added = {"text_embeds": pooled.to(base.unet.dtype), "time_ids": time_ids.to(base.unet.dtype)}
         pred = base.unet(noisy.to(base.unet.dtype), timesteps, encoder_hidden_states=context.to(base.unet.dtype),
                          added_cond_kwargs=added).sample
@@ -179,11 +180,7 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
             scaler.scale(loss / t.grad_accum).backward()
         samples += n * dist.world
         losses.append(loss.detach())
-    if config.optim.max_grad_norm:
-        scaler.unscale_(optimizer)
-        clip_gradients(ella.parameters(), config.optim.max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
+    clip_and_step(optimizer, scaler, ella.parameters(), config.optim.max_grad_norm)  # training/optim.py
     return losses, samples, DataPosition(*batch["position"])
 
 

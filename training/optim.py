@@ -10,7 +10,7 @@ resumes with the loop). bench/training_step.py measures both.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -36,3 +36,30 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float) -> tor
     """Clips the total gradient norm to `max_norm` (torch's multi-tensor kernels wherever the device has them);
     returns the norm as a device tensor: reading it is a host sync, which only log steps may do."""
     return torch.nn.utils.clip_grad_norm_(list(params), max_norm, foreach=None)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, scaler: Any, params: Iterable[torch.nn.Parameter],
+                  max_norm: Optional[float]) -> None:
+    """Gradient clipping (if `max_norm`) and the optimizer step, with no host sync.
+
+    With the fused AdamW and no fp16 loss scaling, the clipping factor goes into the fused kernel, which
+    divides every gradient by the `grad_scale` it is given (the protocol torch's GradScaler uses): the norm
+    still takes one pass over the gradients, but rewriting them scaled (two more) is saved. Otherwise (fp16,
+    or another kernel) the gradients are unscaled and clipped in place first, as torch documents."""
+    params = list(params)
+    folded = max_norm and not scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False) \
+        and all(g.get("fused") for g in optimizer.param_groups)
+    grads = [p.grad for p in params if p.grad is not None]
+    if folded and grads:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s factor, inverted
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        if max_norm:
+            scaler.unscale_(optimizer)
+            clip_gradients(params, max_norm)
+        scaler.step(optimizer)
+    scaler.update()

@@ -19,7 +19,7 @@ from tests.training.train_helpers import ROOT, TINY_CONFIG
 
 from training.config import OptimConfig
 from training.models import EMA
-from training.optim import make_optimizer
+from training.optim import clip_and_step, make_optimizer
 from training.stopping import stop_check_due
 
 PROBE = Path(__file__).with_name("step_probe_entry.py")
@@ -55,6 +55,34 @@ def test_fused_adamw_follows_the_single_tensor_loop(seed, weight_decay, lr):
                                    atol=1e-4 * moved.item())
 
 
+@pytest.mark.parametrize("max_norm", [None, 1e-3, 0.5, 1.0, 1e6])
+def test_clipping_folded_into_the_fused_step_equals_clipping_in_place(max_norm):
+    """The trainer's clip_and_step against torch's clip_grad_norm_ followed by the same fused AdamW, with
+    gradient norms below and above max_norm."""
+    shapes = [(64, 48), (48,), (1000,)]
+    folded, reference, unclipped = _params(7, shapes), _params(7, shapes), _params(7, shapes)
+    config = OptimConfig(lr=1e-3)
+    opt_a = make_optimizer(folded, config, torch.device("cpu"))
+    opt_b = make_optimizer(reference, config, torch.device("cpu"))
+    opt_c = make_optimizer(unclipped, config, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        for a, b, c in zip(folded, reference, unclipped):
+            a.grad = torch.randn(a.shape, generator=g) * 10.0 ** (step - 3)
+            b.grad, c.grad = a.grad.clone(), a.grad.clone()
+        clip_and_step(opt_a, scaler, folded, max_norm)
+        opt_c.step()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        opt_b.step()
+        assert not hasattr(opt_a, "grad_scale")
+        for a, b in zip(folded, reference):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=4 * torch.finfo(torch.float32).eps, atol=1e-9)
+    clipped_something = max_norm is not None and max_norm < 1e2  # the largest gradient norms are about 3e3
+    assert clipped_something == any(not torch.allclose(a, c, rtol=0, atol=1e-6) for a, c in zip(folded, unclipped))
+
+
 @pytest.mark.parametrize("decay,dtype", [(0.9999, torch.float32), (0.8, torch.float32), (0.99, torch.float64)])
 def test_ema_update_equals_the_per_tensor_lerp(decay, dtype):
     module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5)).to(dtype)
@@ -78,6 +106,21 @@ def test_stop_requests_are_seen_within_the_bound(every):
         seen = next(s for s in range(arrival, arrival + every + 1) if stop_check_due(s, every, distributed=True))
         assert seen - arrival < every and seen % every == 0
         assert stop_check_due(arrival, every, distributed=False)  # one process: free, so every step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape,dtype", [((2, 4, 64, 64), torch.float32), ((2, 128, 2048), torch.float32),
+                                         ((3,), torch.int64)])
+def test_host_to_device_copies_queue_without_a_host_sync(shape, dtype):
+    from training.transfer import to_device
+
+    x = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(0, 1000, shape)
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising copy raises
+    try:
+        y = to_device(x, torch.device("cuda", torch.cuda.current_device()))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(y.cpu(), x)
 
 
 # ---------------------------------------------------------------- the real script, observed step by step
