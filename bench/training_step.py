@@ -113,12 +113,16 @@ def step_lines(unet: Any, device: torch.device, batch: int, latent: int, rounds:
         mark("EMA update")
         return {name: end - begin for (_, begin), (name, end) in zip(marks, marks[1:])}
 
+    for tr in trainers.values():  # warm-up (allocations, optimizer state) without the UNet
+        context, _ = tr["module"](features, t.float())
+        context.backward(torch.randn_like(context))
+        tr["step"](tr["optimizer"], list(tr["ella"].parameters()))
+        tr["optimizer"].zero_grad(set_to_none=True)
+        tr["ema"].update(tr["ella"], 0)
     order = list(trainers)
-    for step in range(rounds + 1):  # step 0 warms up (allocations, optimizer state)
+    for step in range(1, rounds + 1):
         for name in order:
-            times = one_step(trainers[name], step)
-            if step:
-                trainers[name]["times"].append(times)
+            trainers[name]["times"].append(one_step(trainers[name], step))
         order.reverse()  # alternate which trainer runs first
     unet_weight_grads = sum(p.grad is not None for p in unet.parameters())
     c = ELLAConfig(input_dim=input_dim)
