@@ -60,6 +60,29 @@ def _kv_backward_s(unet: Any, context: torch.Tensor, device: torch.device) -> fl
     return time.perf_counter() - start
 
 
+def flop_line(unet: Any, batch: int, latent: int, tokens: int, input_dim: int) -> str:
+    """The arithmetic of both parts, counted on the meta device (nothing computed): the connector's share of
+    FLOPs is the floor of its overhead before the optimizer's memory traffic is added."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta_unet = type(unet).from_config(unet.config).requires_grad_(False)
+        ella = ELLA(ELLAConfig(input_dim=input_dim))
+        features, t = torch.randn(batch, tokens, input_dim), torch.full((batch,), 500.0)
+        x = torch.randn(batch, 4, latent, latent)
+    counters = [FlopCounterMode(display=False) for _ in range(3)]
+    with counters[0]:
+        context = ella(features, t)
+    split = context.detach().requires_grad_(True)
+    with counters[1]:
+        meta_unet(x, t, encoder_hidden_states=split).sample.float().square().mean().backward()
+    with counters[2]:
+        context.backward(split.grad)
+    fwd, unet_flops, bwd = (c.get_total_flops() / 1e9 for c in counters)
+    return (f"  FLOPs: connector fwd {fwd:.1f} + bwd {bwd:.1f} G, UNet fwd+bwd (to the context) {unet_flops:.0f} G: "
+            f"the connector's arithmetic alone is {100 * (fwd + bwd) / unet_flops:.1f} % on top of the UNet")
+
+
 def step_lines(unet: Any, device: torch.device, batch: int, latent: int, rounds: int = 3, tokens: int = 128,
                input_dim: int = 2048) -> list[str]:
     """Times `rounds` steps of each trainer (after one warm-up step each); returns the lines to print."""
@@ -134,7 +157,8 @@ def step_lines(unet: Any, device: torch.device, batch: int, latent: int, rounds:
     lines = [f"step at SD1.5 shapes: batch {batch}, {latent}x{latent} latents, {tokens} tokens of width {input_dim}, "
              f"released connector layout; {rounds} rounds per trainer, alternated; ms per step, min / median",
              f"  UNet fwd+bwd (to the context)   {fmt(unet_min)} / {fmt(unet_med)}   (UNet weight gradients "
-             f"computed: {unet_weight_grads}; of the bwd, the K/V projections into the context: {fmt(kv)})"]
+             f"computed: {unet_weight_grads}; of the bwd, the K/V projections into the context: {fmt(kv)})",
+             flop_line(unet, batch, latent, tokens, input_dim)]
     for name, tr in trainers.items():
         runs = tr["times"]
         lines.append(f"  {name}:")
