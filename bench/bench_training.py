@@ -11,6 +11,7 @@ context (same maths as one backward).
     python bench/bench_training.py --cache-storage     # cache bytes per sample, index memory (training_cache.py)
     python bench/bench_training.py --online ...   # cache.mode full vs latents vs none (bench/training_online.py)
     python bench/bench_training.py --source   # cache-pass images/s with 0, 1, 2 loader workers (training_source.py)
+    python bench/bench_training.py --step-only --resolution 512 --step-rounds 3   # the connector's step share
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ella_core import ELLA, ELLAConfig, load_text_encoder  # noqa: E402
+from training.config import OptimConfig  # noqa: E402
+from training.optim import make_optimizer  # noqa: E402
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -99,6 +102,8 @@ def main() -> None:
     parser.add_argument("--split", action="store_true", help="only the held-out split and pre-cache listing costs")
     parser.add_argument("--source", action="store_true", help="only the cache pass's source side (training_source)")
     parser.add_argument("--source-images", type=int, default=96)
+    parser.add_argument("--step-rounds", type=int, default=3, help="rounds of bench/training_step.py (0: skip)")
+    parser.add_argument("--step-only", action="store_true", help="only the step share (training_step.py)")
     args = parser.parse_args()
     if args.source:
         from training_source import source_lines
@@ -133,9 +138,14 @@ def main() -> None:
         print("\n".join(online_lines(unet, vae, scheduler, device, batch=args.batch, steps=args.steps,
                                      resolution=args.resolution, t5_layers=args.t5_layers)))
         return
+    if args.step_only:
+        from training_step import step_lines
+
+        print("\n".join(step_lines(unet, device, args.batch, args.resolution // 8, args.step_rounds)))
+        return
     llm = build_llm(args.llm, device)
     ella = ELLA(ELLAConfig(input_dim=llm.hidden_size)).to(device).train()
-    optimizer = torch.optim.AdamW(ella.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = make_optimizer(ella.parameters(), OptimConfig(), device)  # the trainer's AdamW
     b, res, latent = args.batch, args.resolution, args.resolution // 8
     prompts = ["A vivid red book with a smooth, matte cover lies next to a glossy yellow vase on a dark wood table"]
     png = io.BytesIO()
@@ -196,6 +206,10 @@ def main() -> None:
         for k, v in per_step.items():
             print(f"  {k:<14} {v * 1000:9.1f} ms  {100 * v / total:5.1f} %")
         print(f"  connector share (fwd + bwd + AdamW): {100 * connector / total:.1f} % of the step")
+    if args.step_rounds:
+        from training_step import step_lines
+
+        print("\n" + "\n".join(step_lines(unet, device, args.batch, latent, args.step_rounds)))
 
 
 if __name__ == "__main__":

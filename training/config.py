@@ -123,6 +123,8 @@ class TrainConfig:
     device: Optional[str] = None  # None: cuda:<local rank> when available, else cpu
     backend: Optional[str] = None  # torch.distributed backend; None: nccl on cuda, gloo on cpu
     collective_timeout_s: int = 1800  # a process waiting longer than this for the others fails instead of hanging
+    stop_check_every: int = 10  # steps between the processes' exchanges of stop requests (SIGTERM/SIGINT)
+    threads: Optional[int] = None  # CPU intra-op threads (torch.set_num_threads) at start-up; None: torch's default
 
 
 @dataclass
@@ -184,8 +186,8 @@ _POSITIVE = ["train.batch_size", "train.grad_accum", "train.max_steps", "train.c
              "data.resolution", "data.bucket_step", "llm.max_length", "cache.shard_size", "cache.open_shards", "connector.layers",
              "connector.heads", "connector.num_latents", "connector.time_channel", "connector.time_embed_dim",
              "optim.eps", "optim.max_grad_norm", "optim.schedule_steps", "train.min_snr_gamma",
-             "train.collective_timeout_s", "validation.steps", "validation.height", "validation.width",
-             "train.max_epochs", "validation.images_per_prompt"]
+             "train.collective_timeout_s", "train.stop_check_every", "train.threads", "validation.steps",
+             "validation.height", "validation.width", "train.max_epochs", "validation.images_per_prompt"]
 _NON_NEGATIVE = ["optim.lr", "optim.weight_decay", "optim.warmup_steps", "train.noise_offset",
                  "train.keep_checkpoints", "data.num_workers", "validation.every", "validation.holdout"]
 _REQUIRED = {  # empty values that cannot work, and what to put there
@@ -552,6 +554,7 @@ def _missing_paths(config: Config) -> list[str]:
 # (tests/training/test_online_encoding.py), so a resume may switch between them
 RESULT_NEUTRAL = ("output_dir", "train.resume", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.device", "train.backend", "train.collective_timeout_s",
+                  "train.stop_check_every",
                   "data.num_workers", "cache.dir", "cache.shard_size", "cache.open_shards", "cache.mode", "cache.enabled",
                   "validation.", "train.report_to", "train.wandb_project")
 RESULT_CHANGING = ("validation.holdout",)  # the held-out samples are not trained on

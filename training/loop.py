@@ -39,11 +39,13 @@ from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, de
 from .distributed import Dist, setup
 from .errors import TrainingError
 from .models import EMA, Base, ConnectorStep, build_connector, load_base, load_llm, sdxl_time_ids
+from .optim import clip_and_step, make_optimizer
 from .reporting import open_reporter
 from .split import TrainingSubset, check_source_size, require_full_batch, split_holdout
-from .stopping import Stop
-from .validation import HeldOut, ema_model, sample_key, validation_images
+from .stopping import Stop, stop_check_due
 from .streaming import StreamingBatches, StreamPosition, check_stream_layout, streams
+from .transfer import to_device
+from .validation import HeldOut, ema_model, sample_key, validation_images
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -155,22 +157,22 @@ def batch_inputs(batch: dict[str, Any], base: Base, data: Data, config: Config, 
     """A micro-batch's latents (B, C, h, w), LLM features (B, L, D) and the text_bias hiding flexible-mode
     padding (None when there is none), from the cache or computed now (cache.mode latents / none)."""
     if "latents" in batch:
-        latents = batch["latents"].to(device)  # already scaled
+        latents = to_device(batch["latents"], device)  # already scaled
     else:
-        latents = base.encode_pixels(batch["pixels"].to(device)).float()
+        latents = base.encode_pixels(to_device(batch["pixels"], device)).float()
         feature_cache.check_finite(latents, batch["key"], "VAE latents", feature_cache.vae_fix(base.vae.dtype))
     if "features" in batch:
         features, text_bias = batch["features"], batch.get("text_bias")
     else:  # the captions (B,) through the resident LLM
         features, text_bias = online.batch_features(data.llm, batch["text"], data.empty, config, batch["key"])
-    return latents, features.to(device), None if text_bias is None else text_bias.to(device)
+    return latents, to_device(features, device), None if text_bias is None else to_device(text_bias, device)
 
 
 def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: torch.nn.Module, config: Config,
                     device: torch.device, autocast: Any) -> tuple[torch.Tensor, int]:
     """Loss of one micro-batch (mean over its samples) and the number of samples it had."""
     if "seed" not in batch:  # every sample of this micro-batch failed to load: keep collectives in step
-        features = data.empty[None].to(device)
+        features = to_device(data.empty[None], device)
         with autocast:
             context, pooled = step_module(features, torch.zeros(1, device=device))
         zero = context.float().sum() * 0.0 + (pooled.float().sum() * 0.0 if pooled is not None else 0.0)
@@ -179,7 +181,7 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
     b = latents.shape[0]
     timesteps, noise = draw_noise(batch["seed"], tuple(latents.shape[1:]), base.scheduler.config.num_train_timesteps,
                                   config.train.noise_offset)
-    timesteps, noise = timesteps.to(device), noise.to(device)
+    timesteps, noise = to_device(timesteps, device), to_device(noise, device)
     noisy = base.scheduler.add_noise(latents, noise, timesteps)
     target = noise if base.prediction_type == "epsilon" else base.scheduler.get_velocity(latents, noise, timesteps)
     added = None
@@ -187,8 +189,8 @@ def micro_step_loss(batch: dict[str, Any], base: Base, data: Data, step_module: 
         context, pooled = step_module(features, timesteps.float(), text_bias)  # (B, N, W), (B, P) or None
         if base.kind == "sdxl":
             target_size = (latents.shape[2] * base.latent_scale, latents.shape[3] * base.latent_scale)
-            time_ids = torch.tensor([sdxl_time_ids(o, c, target_size) for o, c in
-                                     zip(batch["original_size"], batch["crop_top_left"])], device=device)
+            time_ids = to_device(torch.tensor([sdxl_time_ids(o, c, target_size) for o, c in
+                                               zip(batch["original_size"], batch["crop_top_left"])]), device)
             added = {"text_embeds": pooled.to(base.unet.dtype), "time_ids": time_ids.to(base.unet.dtype)}
         pred = base.unet(noisy.to(base.unet.dtype), timesteps, encoder_hidden_states=context.to(base.unet.dtype),
                          added_cond_kwargs=added).sample
@@ -217,11 +219,7 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
             scaler.scale(loss / t.grad_accum).backward()
         samples += n * dist.world
         losses.append(loss.detach())
-    if config.optim.max_grad_norm:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(ella.parameters(), config.optim.max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
+    clip_and_step(optimizer, scaler, ella.parameters(), config.optim.max_grad_norm)  # training/optim.py
     return losses, samples, batch["position"]
 
 
@@ -262,6 +260,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     stop = stop or Stop().install()
     t = config.train
     dist = setup(t.device, t.backend, t.collective_timeout_s)
+    if t.threads:
+        torch.set_num_threads(t.threads)
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     with dist.failing_together("start-up"):
@@ -275,8 +275,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     torch.manual_seed(config.seed + dist.rank)
     if dist.is_main:
         save_config(config, out / "config.yaml")
-    log.info("%d process(es), device %s, global batch %d", dist.world, dist.device,
-             t.batch_size * t.grad_accum * dist.world)
+    log.info("%d process(es), device %s, %d CPU threads, global batch %d", dist.world, dist.device,
+             torch.get_num_threads(), t.batch_size * t.grad_accum * dist.world)
 
     # resume: which checkpoint, and whether it can continue this run (before anything is loaded)
     resume, saved_state = None, None
@@ -339,11 +339,11 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     if t.compile:
         step_module = torch.compile(step_module)
     if dist.enabled:
+        # gradients as views of DDP's all-reduce buckets: no copy between the two after each sync
         step_module = DistributedDataParallel(step_module, device_ids=[dist.device] if dist.device.type == "cuda"
-                                              else None)
+                                              else None, gradient_as_bucket_view=True)
     o = config.optim
-    optimizer = torch.optim.AdamW(ella.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = make_optimizer(ella.parameters(), o, dist.device)  # fused AdamW (training/optim.py)
     ema = EMA(ella, t.ema_decay) if t.ema_decay else None
     use_autocast = t.mixed_precision != "no"
     autocast = (torch.autocast(dist.device.type, dtype=weight_dtype) if use_autocast else contextlib.nullcontext())
@@ -391,6 +391,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started, started_step = time.time(), step
     stopping = False
+    interval_losses: list[torch.Tensor] = []  # on the device until the next log step
     stop.phase = "training"
     with stop.deferred():
         while step < total:
@@ -400,6 +401,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                                                  dist, autocast)
             samples_seen += n
             step += 1
+            interval_losses.extend(losses)
             if ema is not None:
                 ema.update(ella, step)
             bar.update(1)
@@ -410,7 +412,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                          step)
 
             if step % t.log_every == 0 or step == total:
-                loss_value = dist.mean(torch.stack(losses).mean()).item()
+                loss_value = dist.mean(torch.stack(interval_losses).mean()).item()  # the interval's mean
+                interval_losses.clear()
                 skipped = data.all_skips(dist).total
                 if not math.isfinite(loss_value):
                     raise TrainingError(f"loss is {loss_value} at step {step} although the latents and features "
@@ -439,7 +442,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 if v.prompts and dist.is_main:
                     images = validation_images(config, base, ema_model(ella, ema, dist.device), data, dist, out, step)
                     reporter.images("validation", images, step)
-            stopping = dist.any(stop.requested)
+            # an all-reduce and a host sync: every stop_check_every steps (at once in a single process)
+            stopping = stop_check_due(step, t.stop_check_every, dist.enabled) and dist.any(stop.requested)
             if step % t.checkpoint_every == 0 or step == total or stopping:
                 save(step)
             if stopping:

@@ -200,7 +200,10 @@ class ConnectorStep(nn.Module):
 
 
 class EMA:
-    """Exponential moving average of the connector's weights in float32 (with the usual warm-up of the decay)."""
+    """Exponential moving average of the connector's weights in float32 (with the usual warm-up of the decay).
+
+    One multi-tensor lerp per step over every tensor (torch._foreach_lerp_: the same per-element maths as
+    Tensor.lerp_), no host sync; `shadow` may be replaced (resume), so the tensor lists are read at each update."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -209,8 +212,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for key, value in module.state_dict().items():
-            self.shadow[key].lerp_(value.detach().float(), 1.0 - decay)
+        state = module.state_dict()
+        shadow = [self.shadow[key] for key in state]
+        values = [v.detach() if v.dtype == torch.float32 else v.detach().float() for v in state.values()]
+        torch._foreach_lerp_(shadow, values, 1.0 - decay)
 
     def copy_to(self, module: nn.Module) -> None:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})

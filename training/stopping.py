@@ -64,3 +64,10 @@ class Stop:
 
     def raise_now(self, what: str) -> None:
         raise StopRequested(self.signum or signal.SIGTERM, what)
+
+
+def stop_check_due(step: int, every: int, distributed: bool) -> bool:
+    """Whether the training loop looks for stop requests after optimizer step `step`. In a single process
+    that is free, so every step; with several, the ranks must agree (an all-reduce, a host sync), so every
+    `every` steps: a signal stops the run within `every` steps of its arrival, at a multiple of `every`."""
+    return not distributed or step % every == 0
