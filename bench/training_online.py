@@ -10,13 +10,11 @@ LLMs: SmolLM2-135M from $ELLA_SMOLLM2_GGUF, and a T5 encoder of flan-t5-xl's wid
 memory, never written). FLOPs per sample (torch's FlopCounterMode) make the GPU-time ratio of LLM to training
 step independent of this machine.
 
-    python bench/training_online.py --batch 1 --steps 2 [--t5-layers 24] [--device cuda]
-    python bench/bench_training.py --online ...        (the same, from the training bench)
+    python bench/bench_training.py --online --batch 1 --steps 2 [--t5-layers 24] [--device cuda]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -204,31 +202,3 @@ def online_lines(unet: Any, vae: Any, scheduler: Any, device: torch.device, *, b
                   f"{latent.numel() * 2 / 2**10:.1f} KiB (fp16)"]
         del llm, data, ella, optimizer, step_module
     return lines
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--t5-layers", type=int, default=24, help="of flan-t5-xl's 24 (fewer to save memory)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from bench_training import SD15_UNET, SD15_VAE
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device).requires_grad_(False).eval()
-    vae = AutoencoderKL(**SD15_VAE).to(device).requires_grad_(False).eval()
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    print("\n".join(online_lines(unet, vae, scheduler, device, batch=args.batch, steps=args.steps,
-                                 resolution=args.resolution, t5_layers=args.t5_layers)))
-
-
-if __name__ == "__main__":
-    main()
