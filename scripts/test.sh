@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 eval "$(bash "$ROOT/scripts/setup_env.sh")"
 cd "$ROOT"
 floor="${ELLA_TEST_TF_FLOOR:-$([ $# -eq 0 ] && echo 1 || echo 0)}"
-"$ELLA_PYTHON" -m pytest "${@:-tests}" -q -rs
+"$ELLA_PYTHON" -m pytest "${@:-tests}" -q -rs --durations=30
 if [ "$floor" = 1 ]; then
   [ -x "$ELLA_PYTHON_TF_FLOOR" ] || { echo "[test] no transformers-floor venv at $ELLA_PYTHON_TF_FLOOR (see setup log)" >&2; exit 1; }
   echo "[test] text encoders again on transformers $("$ELLA_PYTHON_TF_FLOOR" -c 'import transformers as t; print(t.__version__)')"

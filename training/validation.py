@@ -39,7 +39,7 @@ def heldout_seed(seed: int, key: str) -> int:
 def sample_key(data: Data, index: int) -> str:
     """The key of sample `index` of the whole data set (cache entry or source record)."""
     if data.cache is not None:
-        return data.cache.entries[index]["key"]
+        return data.cache.entry(index)["key"]
     return data.dataset.records[index].key
 
 

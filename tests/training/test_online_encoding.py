@@ -79,8 +79,8 @@ BAD = [
     (["cache.enabled=true", "cache.mode=none"],
      "the command line sets both cache.enabled=true and cache.mode=none"),
     (["cache.enabled=off please"], "cache.enabled='off please': must be true or false"),
-    (["cache.mode=none", "data.path=/x/shard-{0000..0003}.tar"],
-     "use cache.mode=full or cache.mode=latents so they are read once into the cache"),
+    (["cache.mode=none", "data.streaming=false", "data.path=/x/shard-{0000..0003}.tar"],
+     "use cache.mode=full / latents to read them once into a cache"),
 ]
 
 

@@ -159,7 +159,7 @@ def test_a_folder_part_reads_only_its_own_captions(tmp_path, monkeypatch):
     config = _source("folder", tmp_path)
     read = []
     real = parts_module.folder_entry
-    monkeypatch.setattr(parts_module, "folder_entry", lambda root, image: read.append(image.name) or real(root, image))
+    monkeypatch.setattr(parts_module, "folder_entry", lambda root, image, config=None: read.append(image.name) or real(root, image, config))
     items = list(part_items(config, 1, 4))
     assert read == [item.key for _, _, item in items] == [f"img{i:04d}.png" for i in range(1, 21, 4)]
     assert all(isinstance(item, Rejected) or isinstance(item, Record) for _, _, item in items)

@@ -50,12 +50,14 @@ def _reference_val_loss(base: Path, out: Path, step: int) -> tuple[float, int]:
     from training.config import ModelConfig
     from training.loop import draw_noise
     from training.models import load_base
+    from training.cache import FeatureCache
     from training.validation import heldout_seed
 
     models = load_base(ModelConfig(pretrained=str(base)), torch.device("cpu"), torch.float32)
     connector = load_ella(out / "checkpoints" / f"step-{step:08d}" / "connector.safetensors")
     folder = next((out / "cache").glob("*/index.json")).parent
-    entries = {e["key"]: e for e in json.loads((folder / "index.json").read_text())["entries"]}
+    cache = FeatureCache(folder)
+    entries = {e["key"]: e for e in (cache.entry(i) for i in range(len(cache)))}
     keys = (out / "holdout.txt").read_text().split()
     losses = []
     with torch.no_grad():
