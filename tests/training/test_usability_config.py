@@ -415,7 +415,7 @@ def test_held_out_batches_are_single_bucket_and_cover_each_sample_once(monkeypat
 
     buckets = [(32, 32), (32, 64), (64, 32)]
     data = SimpleNamespace(buckets=[buckets[i % 3] for i in range(30)], cache=SimpleNamespace(
-        entries=[{"key": f"{i}.png"} for i in range(30)]), dataset=None)
+        entry=lambda i: {"key": f"{i}.png"}), dataset=None)
     config = load_config(None, REQUIRED + ["data.path=.", "train.batch_size=4", "cache.enabled=true"])
     monkeypatch.setattr("training.validation._eval_dataset", lambda data, config: None)  # batching alone
     held = HeldOut(data, [0, 1, 2, 3, 5, 8, 9, 12, 15, 18, 21, 24, 27, 29], config)
