@@ -10,6 +10,7 @@ Overrides are `section.key=value` (values parsed as YAML). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -65,4 +66,10 @@ def _main(argv: list[str] | None, stop: Stop) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    group = sys.modules.get("torch.distributed")
+    if code and group is not None and group.is_available() and group.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # a failed rank skips interpreter teardown, where a live gloo group can abort (-6)
+    sys.exit(code)
