@@ -202,9 +202,9 @@ def due(hooks: Sequence[Hook], step: int, total: int, every: int) -> bool:
 def call_hooks(hooks: Sequence[Hook], *, step: int, total: int, ella: "ELLA", ema: Any, base: "Base", data: "Data",
                config: "Config", dist: "Dist", out: Path, write: Callable[[dict], None], reporter: Any,
                llm_holder: Optional[dict] = None) -> list[dict]:
-    """Rank 0 calls every hook (the other ranks return at once) and logs what each returns: `write` gets the
-    metrics.jsonl record {"step", "hook", metric: value, ...}, the reporter eval/<hook>/<metric>. Returns the
-    records. The training connector's mode is restored afterwards; its weights are never replaced."""
+    """Rank 0 calls every hook (the other ranks return at once) and logs what each returns (None: nothing):
+    `write` gets the metrics.jsonl record {"step", "hook", metric: value, ...}, the reporter
+    eval/<hook>/<metric>. Returns the records. The training connector's mode is restored afterwards; its weights are never replaced."""
     if not dist.is_main or not hooks:
         return []
     import torch
@@ -225,6 +225,9 @@ def call_hooks(hooks: Sequence[Hook], *, step: int, total: int, ella: "ELLA", em
             except Exception as e:  # noqa: BLE001 (the user's code)
                 raise HookError(f"evaluation hook {hook.name!r} ({hook.spec}) failed at step {step}: "
                                 f"{type(e).__name__}: {e}") from e
+            if result is None:  # nothing to log
+                log.info("step %d: evaluation hook %s returned no metrics", step, hook.name)
+                continue
             metrics = metrics_of(hook, result)
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
@@ -234,7 +237,7 @@ def call_hooks(hooks: Sequence[Hook], *, step: int, total: int, ella: "ELLA", em
             write(record)
             reporter.scalars({f"eval/{hook.name}/{k}": v for k, v in metrics.items()}, step)
             log.info("step %d: evaluation hook %s: %s", step, hook.name,
-                     ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()) or "no metrics")
+                     ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()) or "{}")
             records.append(record)
     finally:
         ella.train(was_training)

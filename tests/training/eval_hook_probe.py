@@ -29,3 +29,9 @@ def probe(ctx) -> dict:
     with open(folder / "seen.jsonl", "a") as out:
         out.write(json.dumps(seen) + "\n")
     return {"t_spread": float(spread), "image_mean": float(image.mean()), "undefined": math.nan}
+
+
+def summary(ctx) -> dict:
+    """A second hook (named by module): the step it ran at and the connector's ablation settings."""
+    return {"at_step": ctx.step, "time_aware": ctx.connector.config.time_aware,
+            "pooled": ctx.connector.config.input_pool == "mean"}
