@@ -14,8 +14,9 @@ from typing import Any, Sequence, Union
 import torch
 
 from .config import Config, DataConfig
-from .data import Record, detect_format, stream_items
+from .data import Record, stream_items
 from .errors import TrainingError
+from .formats import resolve_format
 
 
 def holdout_count(holdout: Union[int, float], usable: int) -> int:
@@ -56,7 +57,7 @@ def check_source_size(config: Config, world: int) -> None:
     small sources are listed to the end. Tar shards are not read twice for this (they may be downloads): a
     too small webdataset is reported after the cache pass."""
     d: DataConfig = config.data
-    if (d.format if d.format != "auto" else detect_format(d.path)) == "webdataset":
+    if resolve_format(d.format, d.path) == "webdataset":
         return
     need = config.train.batch_size * world
     usable = rejected = 0

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .config import Config, DataConfig
+from .config import Config, DataConfig, streamed_run
 from .data import collate, make_buckets, pick_text, sample_seed, source_format, tar_urls
 from .decoding import prepare
 from .distributed import Dist
@@ -37,12 +37,9 @@ log = logging.getLogger("training")
 
 
 def streams(config: Config) -> bool:
-    """Whether the run streams its source: data.streaming, or by default a webdataset without the cache."""
-    if config.cache.enabled:
-        return False
-    if config.data.streaming is not None:
-        return bool(config.data.streaming)
-    return source_format(config.data) == "webdataset"
+    """Whether the run streams its source: training.config.streamed_run, the rule the config check applies
+    (data.streaming, or by default a webdataset without the cache)."""
+    return streamed_run(config)
 
 
 def layout(world: int, num_workers: int) -> list[int]:
