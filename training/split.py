@@ -37,6 +37,14 @@ def split_holdout(keys: Sequence[str], holdout: Union[int, float], seed: int) ->
     return [i for i in range(len(keys)) if i not in held], sorted(held)
 
 
+def sample_keys(data: Any) -> list[str]:
+    """Every sample's key in the data set's order (what split_holdout hashes): a cache's from its index's
+    entries files in one sequential pass, an indexed source's from its records."""
+    if data.cache is not None:
+        return data.cache.index.keys()
+    return [record.key for record in data.dataset.records]
+
+
 def require_full_batch(usable: int, config: Config, world: int, where: str) -> None:
     """Raises when the usable samples less the held-out ones cannot fill one global micro-batch."""
     t = config.train
