@@ -293,7 +293,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 log.warning("resume: these settings differ from %s's and change the result:\n  %s", resume.name,
                             "\n  ".join(changes))
             if streams(config):
-                check_stream_layout(saved_state, dist.world, config.data.num_workers)
+                check_stream_layout(saved_state, dist.world, config.data.num_workers, config.data)
             else:
                 check_layout(saved_state, t.batch_size, dist.world)
     chosen = dist.gather(str(resume))

@@ -117,3 +117,86 @@ def test_cache_index_keys_name_an_entries_file_shorter_than_its_rows(tmp_path):
     path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:4]))
     with pytest.raises(ValueError, match=r"entries-r0.jsonl: 4 entries, the index has 6 rows"):
         CacheIndex(tmp_path, counts).keys()
+
+
+# ---------------------------------------------------------------- a streamed epoch re-dealt to another layout
+RELAYOUT_SOURCES = ["folder", "jsonl", "wds-1", "wds-3", "wds-5", "wds-8"]
+
+
+@pytest.mark.parametrize("kind", RELAYOUT_SOURCES)
+def test_a_layouts_own_tasks_read_what_its_parts_read(tmp_path, kind):
+    """training.relayout's positions are training.parts' positions: the tasks of part p of P, read from any
+    position, give part_items' entries, positions and ordinals."""
+    from tests.training.test_source_parts import _source, _what
+
+    from training.parts import part_items
+    from training.relayout import part_tasks, task_items
+
+    config = _source(kind, tmp_path)
+    for parts in (1, 2, 4, 5):
+        for part in range(parts):
+            full = [(pos, o, _what(i)) for pos, o, i in part_items(config, part, parts)]
+            assert [(pos, o, _what(i)) for pos, o, i in task_items(config, part_tasks(config, part, parts))] == full
+            for pos, _, _ in full[::3]:
+                assert [(q, o, _what(i)) for q, o, i in task_items(config, part_tasks(config, part, parts), pos)] == [
+                    x for x in full if x[0] >= pos], (parts, part, pos)
+
+
+def _run_layout(config, parts, batch, history, stops):
+    """Every part of a layout from the epoch's start under `history`, each stopped after stops[p] batches
+    (None: to its end): ((key, seed) trained, the skips listed, {part: its PartPosition list} at the stop)."""
+    from training.streaming import part_batches
+
+    keys, skipped, saved = [], [], {}
+    for part in range(parts):
+        for k, b in enumerate(part_batches(config, 7, 0, part, parts, batch, None, history)):
+            if stops[part] is not None and k >= stops[part]:
+                break
+            keys.extend(zip(b.get("key", []), b.get("seed", [])))
+            skipped.extend((key, reason) for key, reason, _ in b["skipped"])
+            saved[part] = b["stream"][1].to_list()
+    return keys, skipped, saved
+
+
+@pytest.mark.parametrize("kind", RELAYOUT_SOURCES)
+@pytest.mark.parametrize("chain", [(4, 1), (1, 4), (2, 3), (3, 2, 5), (4, 4)], ids=lambda c: "-".join(map(str, c)))
+def test_an_epoch_stopped_anywhere_and_re_dealt_visits_every_sample_once(tmp_path, kind, chain):
+    """The epoch's parts stopped after various numbers of batches (buckets of two sizes, so entries wait),
+    then the next layouts of `chain` go on from the positions reached: over all layouts every usable entry
+    is trained once, with the seed of its ordinal, and every rejected entry is counted once."""
+    import random as rnd
+
+    from PIL import Image
+
+    from tests.training.test_source_parts import _source
+
+    from training.data import Rejected, stream_items
+
+    config = _source(kind, tmp_path)
+    config.resolution, config.bucket_step, config.buckets = 32, 8, True
+    if kind == "folder":  # images of two sizes: two buckets fill at different rates (positions wait)
+        for i in range(0, 21, 3):
+            Image.new("RGB", (64, 32), (i * 10, 0, 0)).save(Path(config.path) / f"img{i:04d}.png")
+    usable = Counter(i.key for i in stream_items(config) if not isinstance(i, Rejected) and i.key != "img0016.png")
+    rejected = Counter((i.key, i.reason) for i in stream_items(config) if isinstance(i, Rejected))
+    if kind == "folder":
+        rejected[("img0016.png", "unreadable image")] += 1
+    whole = Counter(_run_layout(config, 1, 2, [], [None])[0])  # (key, seed) of the uninterrupted epoch
+    assert Counter(k for k, _ in whole) == usable
+    rng = rnd.Random(f"{kind}{chain}")
+    waited = False
+    for trial in range(4):  # every part stopped after 1, after 2, then at random
+        history, keys, skipped = [], [], []
+        for n, parts in enumerate(chain):
+            last = n == len(chain) - 1
+            stops = [None if last else trial + 1 if trial < 2 else rng.choice([0, 1, 2, 3, None])
+                     for _ in range(parts)]
+            got, skips, saved = _run_layout(config, parts, 2, history, stops)
+            keys += got
+            skipped += skips
+            waited |= any(len(v) > 1 for v in saved.values())
+            if saved or history:
+                history = history + ([{"layout": [parts, 1], "parts": saved}] if saved else [])
+        assert Counter(keys) == whole, (trial, history)  # each once, with its own seed
+        assert Counter(skipped) == rejected, (trial, history)
+    assert waited or len(chain) == 1 or kind != "folder"  # resumed with entries waiting in a bucket
