@@ -200,3 +200,47 @@ def test_an_epoch_stopped_anywhere_and_re_dealt_visits_every_sample_once(tmp_pat
         assert Counter(keys) == whole, (trial, history)  # each once, with its own seed
         assert Counter(skipped) == rejected, (trial, history)
     assert waited or len(chain) == 1 or kind != "folder"  # resumed with entries waiting in a bucket
+
+
+# ---------------------------------------------------------------- the real trainer: re-dealt epoch, samples_seen
+def test_a_streamed_run_resumed_mid_epoch_at_other_layouts_visits_the_epoch_once_and_counts_exactly(
+        tiny_sd15, tiny_t5, tmp_path):
+    """26 samples in 9 tar shards (the parts hold 9, 8, 6 or 3 samples: short last batches, and ranks whose
+    parts are through train on empty batches), batch 2: 2 processes x 2 workers stopped mid-epoch at step 2,
+    resumed by 1 process without workers to step 4 (still mid-epoch: the 2 x 2 parts re-dealt to one), then
+    by 2 x 2 again past the epoch's end (the one part's rest, itself a re-deal, dealt to four). Every sample of
+    epoch 0 is trained exactly once over the three runs, with the seed an uninterrupted run gives it;
+    samples_seen in each checkpoint and in metrics.jsonl is the number of sample visits the ranks trained on."""
+    from tests.training.test_resume_layouts import _train, _visits
+
+    from training.streaming import part_batches
+
+    tars = tmp_path / "tars"
+    write_tars(tars, synthetic_samples(26, seed=6), per_shard=3)
+    out = tmp_path / "run"
+    common = [f"model.pretrained={tiny_sd15}", f"llm.source={tiny_t5}", f"data.path={tars}", "cache.mode=none",
+              "train.backend=gloo", "train.batch_size=2", "train.checkpoint_every=1", "train.collective_timeout_s=300",
+              "data.caption_dropout=0", f"output_dir={out}"]
+    runs = [((2, 2), 2), ((1, 0), 4), ((2, 2), 12)]  # (processes, data.num_workers), train.max_steps
+    visits = []
+    for n, ((world, workers), steps) in enumerate(runs):
+        _train(world, common + [f"data.num_workers={workers}", f"train.max_steps={steps}"]
+               + (["train.resume=latest"] if n else []), tmp_path / f"seen-{n}")
+        run = _visits(tmp_path / f"seen-{n}")
+        assert {v["world"] for v in run} == {world}
+        visits.append(run)
+        state = json.loads((out / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())
+        assert state["samples_seen"] == sum(len(v) for v in visits)  # exact over the ranks
+        if n < 2:
+            assert state["position"]["parts"] and len(state["position"].get("history", [])) == n  # mid-epoch
+    every = [v for run in visits for v in run]
+    config = load_config(TINY_CONFIG, common).data
+    whole = Counter((k, s) for b in part_batches(config, 0, 0, 0, 1, 2) for k, s in zip(b["key"], b["seed"]))
+    assert len(whole) == 26
+    assert Counter((v["key"], v["seed"]) for v in every if v["epoch"] == 0) == whole  # once each
+    assert any(v["epoch"] == 1 for v in visits[2])  # and on into the next epoch
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in train if "loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 13))
+    assert [train[steps - 1]["samples_seen"] for _, steps in runs] == list(
+        itertools.accumulate(len(run) for run in visits))
