@@ -132,31 +132,34 @@ def task_items(config: DataConfig, tasks: Sequence[Task], start: int = 0
 
 
 def _task_entries(config: DataConfig, task: Task, skip: int) -> Iterator[tuple[int, int, Record | Rejected]]:
-    """(j, ordinal, entry) of the task's entries from its j-th."""
+    """(j, ordinal, entry) of the task's entries from its j-th = `skip`."""
     if task.items is not None:
         wanted = {e: j for j, e in enumerate(task.items) if j >= skip}
-        if not wanted:
-            return
-        last = max(wanted)
+        index = wanted.get
+        last = max(wanted, default=-1)
     else:
         begin = task.begin + skip * task.stride
+
+        def index(e: int) -> Optional[int]:
+            return (e - task.begin) // task.stride if e >= begin and (e - begin) % task.stride == 0 else None
+
+        last = None
+    if task.items is not None and not wanted:
+        return
     if task.unit == ALL and source_format(config) == "folder" and not is_imagefolder(Path(config.path)):
-        root = Path(config.path)
+        root = Path(config.path)  # a plain folder: only the task's own captions files and images are read
         images = folder_images(root)
-        chosen = (sorted(wanted) if task.items is not None else range(begin, len(images), task.stride))
+        chosen = sorted(wanted) if task.items is not None else range(begin, len(images), task.stride)
         for e in chosen:
             if e < len(images):
-                yield (wanted[e] if task.items is not None else (e - task.begin) // task.stride), e, \
-                    folder_entry(root, images[e], config)
+                yield index(e), e, folder_entry(root, images[e], config)
         return
     for e, ordinal, item in _unit_sequence(config, task.unit):
-        if task.items is not None:
-            if e in wanted:
-                yield wanted[e], ordinal, item
-            if e >= last:
-                return
-        elif e >= begin and (e - begin) % task.stride == 0:
-            yield (e - task.begin) // task.stride, ordinal, item
+        j = index(e)
+        if j is not None:
+            yield j, ordinal, item
+        if last is not None and e >= last:
+            return
 
 
 def _unit_sequence(config: DataConfig, unit: int) -> Iterator[tuple[int, int, Record | Rejected]]:
