@@ -146,6 +146,23 @@ class CacheIndex:
         raw = os.pread(fd, int(row["text_size"]), int(row["text_offset"]))
         return json.loads(raw)
 
+    def keys(self) -> list[str]:
+        """Every sample's key in source order, read with one sequential pass over each rank's entries file
+        (not one random read per row): what the held-out split hashes at start-up."""
+        flat: list[str] = []
+        for rank, count in enumerate(self.counts):
+            path = self.folder / entries_name(rank)
+            before = len(flat)
+            if count:
+                with open(path, "rb") as f:
+                    for line in f:
+                        flat.append(_line_key(line))
+                        if len(flat) - before == count:
+                            break
+            if len(flat) - before != count:
+                raise ValueError(f"{path}: {len(flat) - before} entries, the index has {count} rows")
+        return [flat[i] for i in self._order.tolist()]
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -157,6 +174,19 @@ class CacheIndex:
                 self.close()
         except Exception:  # noqa: BLE001 (interpreter shutdown)
             pass
+
+
+_KEY_PREFIX = b'{"key": '
+_DECODER = json.JSONDecoder()
+
+
+def _line_key(line: bytes) -> str:
+    """The "key" of one entries line; written first by RankIndexWriter, so only its string is decoded."""
+    if line.startswith(_KEY_PREFIX):
+        key, _ = _DECODER.raw_decode(line.decode("utf-8"), len(_KEY_PREFIX))
+        if isinstance(key, str):
+            return key
+    return json.loads(line)["key"]
 
 
 def record_rows(entries: list[dict[str, Any]], shard: int) -> np.ndarray:

@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .formats import resolve_format
+
 
 @dataclass
 class ModelConfig:
@@ -529,16 +531,8 @@ def streamed_run(config: Config) -> bool:
 
 
 def _resolved_format(d: DataConfig) -> str:
-    if d.format != "auto":
-        return d.format
-    p = d.path if isinstance(d.path, str) else (d.path[0] if d.path else "")
-    if isinstance(d.path, list) or ".tar" in p or p.startswith(("http://", "https://", "pipe:")):
-        return "webdataset"
-    if p.endswith(".jsonl"):
-        return "jsonl"
-    if p.endswith(".csv"):
-        return "csv"
-    return "folder"
+    """training.formats.resolve_format; a path that says nothing is taken as a folder (reported missing)."""
+    return resolve_format(d.format, d.path) or "folder"
 
 
 def _missing_paths(config: Config) -> list[str]:

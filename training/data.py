@@ -33,6 +33,7 @@ from .config import DataConfig, caption_extensions
 from .distributed import Dist
 from .errors import TrainingError
 from .features import pad_batch
+from .formats import resolve_format
 from .tarfiles import CorruptTar, TruncatedTar, tar_members
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -149,20 +150,12 @@ def _file_loader(path: Path) -> Callable[[], bytes]:
 
 
 def detect_format(path: Any) -> str:
-    if isinstance(path, (list, tuple)):
-        return "webdataset"
-    p = str(path)
-    if p.endswith(".jsonl"):
-        return "jsonl"
-    if p.endswith(".csv"):
-        return "csv"
-    if ".tar" in p or p.startswith(("http://", "https://", "pipe:")):
-        return "webdataset"
-    if Path(p).is_dir() and any(Path(p).glob("*.tar")):
-        return "webdataset"  # a folder of shards
-    if Path(p).is_dir():
-        return "folder"
-    raise TrainingError(f"data.path {p!r}: cannot tell its format; set data.format to folder, jsonl, csv or webdataset")
+    """data.format=auto: training.formats.resolve_format (the config check's rule), or an error."""
+    fmt = resolve_format("auto", path)
+    if fmt is None:
+        raise TrainingError(f"data.path {str(path)!r}: cannot tell its format; set data.format to folder, jsonl, "
+                            "csv or webdataset")
+    return fmt
 
 
 def folder_images(root: Path) -> list[Path]:

@@ -42,11 +42,11 @@ from .hooks import call_hooks, due, resolve_hooks
 from .models import EMA, Base, ConnectorStep, build_connector, load_base, load_llm, sdxl_time_ids
 from .optim import clip_and_step, make_optimizer
 from .reporting import open_reporter
-from .split import TrainingSubset, check_source_size, require_full_batch, split_holdout
+from .split import TrainingSubset, check_source_size, require_full_batch, sample_keys, split_holdout
 from .stopping import Stop, stop_check_due
 from .streaming import StreamingBatches, StreamPosition, check_stream_layout, streams
 from .transfer import to_device
-from .validation import HeldOut, ema_model, sample_key, validation_images
+from .validation import HeldOut, ema_model, validation_images
 
 log = logging.getLogger("training")
 NOISE_STREAM = 0x9E3779B97F4A7C15  # xor-ed into a sample's seed: the noise draws differ from the caption draws
@@ -205,8 +205,9 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
                    optimizer: torch.optim.Optimizer, scaler: Any, config: Config, dist: Dist, autocast: Any
                    ) -> tuple[list[torch.Tensor], int, Any]:
     """One optimizer step over grad_accum micro-batches (gradients synchronised on the last one only).
-    Returns the micro-batch losses, the samples seen by all ranks, and the data position after it (a
-    DataPosition, or a StreamPosition when streaming)."""
+    Returns the micro-batch losses, the samples this rank trained on (a Python int, no host sync: the ranks'
+    micro-batches may differ, so the run sums them only where it reports them), and the data position after it
+    (a DataPosition, or a StreamPosition when streaming)."""
     t = config.train
     optimizer.zero_grad(set_to_none=True)
     losses, samples = [], 0
@@ -218,7 +219,7 @@ def optimizer_step(batches: Any, base: Base, data: Data, step_module: torch.nn.M
         with step_module.no_sync() if dist.enabled and not last else contextlib.nullcontext():
             loss, n = micro_step_loss(batch, base, data, step_module, config, dist.device, autocast)
             scaler.scale(loss / t.grad_accum).backward()
-        samples += n * dist.world
+        samples += n
         losses.append(loss.detach())
     clip_and_step(optimizer, scaler, ella.parameters(), config.optim.max_grad_norm)  # training/optim.py
     return losses, samples, batch["position"]
@@ -293,7 +294,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 log.warning("resume: these settings differ from %s's and change the result:\n  %s", resume.name,
                             "\n  ".join(changes))
             if streams(config):
-                check_stream_layout(saved_state, dist.world, config.data.num_workers)
+                check_stream_layout(saved_state, dist.world, config.data.num_workers, config.data)
             else:
                 check_layout(saved_state, t.batch_size, dist.world)
     chosen = dist.gather(str(resume))
@@ -321,7 +322,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
         require_full_batch(len(data.dataset), config, dist.world, f"data.path {config.data.path}")
     train_indices, held_indices = range(len(data.dataset) if not streaming else 0), []
     if config.validation.holdout:  # not when streaming (refused by the config check)
-        keys = [sample_key(data, i) for i in range(len(data.dataset))]
+        keys = sample_keys(data)  # one pass over the cache index's entries files
         train_indices, held_indices = split_holdout(keys, config.validation.holdout, config.seed)
     heldout = HeldOut(data, held_indices, config) if held_indices else None
     if heldout is not None:
@@ -355,6 +356,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
              sum(p.numel() for p in ella.parameters()) / 1e6)
 
     step, position, samples_seen = 0, DataPosition(), 0
+    local_samples = 0  # this rank's samples since samples_seen last summed them (a Python int: no sync per step)
     if resume is not None:
         state = load_checkpoint(resume, ella, optimizer, dist)
         step, samples_seen = state["step"], state["samples_seen"]
@@ -380,9 +382,16 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
     reporter = open_reporter(config, out, step, dist.is_main)
     epochs_done = int(epoch_progress(position, samples_per_epoch))
 
+    def count_samples() -> int:
+        """Collective (log and checkpoint steps only): samples_seen, every rank's own samples summed."""
+        nonlocal samples_seen, local_samples
+        samples_seen += sum(dist.gather(local_samples))
+        local_samples = 0
+        return samples_seen
+
     def save(at_step: int) -> None:
         where = position.gathered(dist) if isinstance(position, StreamPosition) else position.to_dict()
-        state = {"step": at_step, "samples_seen": samples_seen, "position": where,
+        state = {"step": at_step, "samples_seen": count_samples(), "position": where,
                  "skipped": data.all_skips(dist).to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "world": dist.world, "config": config.to_dict()}
         save_checkpoint(ckpt_root, at_step, ella, connector_metadata(config, base, at_step), optimizer,
@@ -415,7 +424,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 group["lr"] = o.lr * lr_factor(step, o, total)
             losses, n, position = optimizer_step(batches, base, data, step_module, ella, optimizer, scaler, config,
                                                  dist, autocast)
-            samples_seen += n
+            local_samples += n
             step += 1
             interval_losses.extend(losses)
             if ema is not None:
@@ -431,6 +440,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 loss_value = dist.mean(torch.stack(interval_losses).mean()).item()  # the interval's mean
                 interval_losses.clear()
                 skipped = data.all_skips(dist).total
+                seen = count_samples()
                 if not math.isfinite(loss_value):
                     raise TrainingError(f"loss is {loss_value} at step {step} although the latents and features "
                                         "were finite: the training diverged; lower optim.lr, set optim.max_grad_norm, "
@@ -438,7 +448,7 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 if dist.is_main:
                     rate = (step - started_step) / max(time.time() - started, 1e-9)
                     record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                              "epoch": round(epoch, 4), "samples_seen": samples_seen, "skipped": skipped,
+                              "epoch": round(epoch, 4), "samples_seen": seen, "skipped": skipped,
                               "steps_per_s": rate}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()

@@ -14,8 +14,9 @@ from typing import Any, Sequence, Union
 import torch
 
 from .config import Config, DataConfig
-from .data import Record, detect_format, stream_items
+from .data import Record, stream_items
 from .errors import TrainingError
+from .formats import resolve_format
 
 
 def holdout_count(holdout: Union[int, float], usable: int) -> int:
@@ -34,6 +35,14 @@ def split_holdout(keys: Sequence[str], holdout: Union[int, float], seed: int) ->
     held = set(heapq.nsmallest(n_held, range(len(keys)),
                                key=lambda i: (hashlib.sha256(f"{seed}/{keys[i]}".encode()).digest(), i)))
     return [i for i in range(len(keys)) if i not in held], sorted(held)
+
+
+def sample_keys(data: Any) -> list[str]:
+    """Every sample's key in the data set's order (what split_holdout hashes): a cache's from its index's
+    entries files in one sequential pass, an indexed source's from its records."""
+    if data.cache is not None:
+        return data.cache.index.keys()
+    return [record.key for record in data.dataset.records]
 
 
 def require_full_batch(usable: int, config: Config, world: int, where: str) -> None:
@@ -56,7 +65,7 @@ def check_source_size(config: Config, world: int) -> None:
     small sources are listed to the end. Tar shards are not read twice for this (they may be downloads): a
     too small webdataset is reported after the cache pass."""
     d: DataConfig = config.data
-    if (d.format if d.format != "auto" else detect_format(d.path)) == "webdataset":
+    if resolve_format(d.format, d.path) == "webdataset":
         return
     need = config.train.batch_size * world
     usable = rejected = 0

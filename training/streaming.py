@@ -12,8 +12,11 @@ the batches the uninterrupted run would have had. A process whose parts are thro
 empty micro-batches (keeping the collectives in step) until every process is through; then the next
 epoch begins, with the shards dealt in another seeded order.
 
-A resume with another number of processes or workers mid-epoch is refused: the position is kept per part
-and the parts change with the layout. At an epoch's start any layout continues.
+A resume with another number of processes or workers mid-epoch continues too: what each old part had not
+consumed (unstarted shards, the tails of partly read ones, the entries waiting in its buckets) is dealt to
+the new layout's parts (training.relayout), so the epoch still visits every sample exactly once; the
+checkpoint keeps the positions each earlier layout of the epoch reached (`history`). The batches then
+differ from an uninterrupted run's (other parts fill other buckets); the samples and their seeds do not.
 """
 
 from __future__ import annotations
@@ -22,27 +25,25 @@ import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .config import Config, DataConfig
+from .config import Config, DataConfig, streamed_run
 from .data import collate, make_buckets, pick_text, sample_seed, source_format, tar_urls
 from .decoding import prepare
 from .distributed import Dist
 from .errors import TrainingError
-from .parts import part_items, split_note
+from .parts import part_items, source_signature, split_note
+from .relayout import epoch_tasks, task_items
 
 log = logging.getLogger("training")
 
 
 def streams(config: Config) -> bool:
-    """Whether the run streams its source: data.streaming, or by default a webdataset without the cache."""
-    if config.cache.enabled:
-        return False
-    if config.data.streaming is not None:
-        return bool(config.data.streaming)
-    return source_format(config.data) == "webdataset"
+    """Whether the run streams its source: training.config.streamed_run, the rule the config check applies
+    (data.streaming, or by default a webdataset without the cache)."""
+    return streamed_run(config)
 
 
 def layout(world: int, num_workers: int) -> list[int]:
@@ -73,19 +74,28 @@ class StreamPosition:
     parts: dict[int, PartPosition] = field(default_factory=dict)
     turns: dict[int, int] = field(default_factory=dict)  # rank -> index of the part whose batch comes next
     layout: list[int] = field(default_factory=lambda: [1, 1])
+    # this epoch's earlier layouts and the parts' positions they reached: [{"layout", "parts"}], oldest first
+    history: list[dict[str, Any]] = field(default_factory=list)
+    source: Optional[int] = None  # training.parts.source_signature of the source (checked when re-dealing)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "parts": {str(p): v.to_list() for p, v in sorted(self.parts.items())},
-                "turns": {str(r): t for r, t in sorted(self.turns.items())}, "layout": list(self.layout)}
+        out = {"epoch": self.epoch, "parts": {str(p): v.to_list() for p, v in sorted(self.parts.items())},
+               "turns": {str(r): t for r, t in sorted(self.turns.items())}, "layout": list(self.layout)}
+        if self.history:
+            out["history"] = self.history
+        if self.source is not None:
+            out["source"] = self.source
+        return out
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "StreamPosition":
         return cls(int(saved["epoch"]), {int(p): PartPosition.from_list(v) for p, v in saved["parts"].items()},
-                   {int(r): int(t) for r, t in saved.get("turns", {}).items()}, list(saved["layout"]))
+                   {int(r): int(t) for r, t in saved.get("turns", {}).items()}, list(saved["layout"]),
+                   [dict(h) for h in saved.get("history", [])], saved.get("source"))
 
     def gathered(self, dist: Dist) -> dict[str, Any]:
         """Collective: every process's parts and turns in one position (for the checkpoint)."""
-        merged = StreamPosition(self.epoch, {}, {}, self.layout)
+        merged = StreamPosition(self.epoch, {}, {}, self.layout, self.history, self.source)
         for other in dist.gather(self.to_dict()):
             part = StreamPosition.from_dict(other)
             merged.parts.update(part.parts)
@@ -93,21 +103,27 @@ class StreamPosition:
         return merged.to_dict()
 
 
-def check_stream_layout(saved: dict[str, Any], world: int, num_workers: int) -> None:
-    """Refuses a resume mid-epoch with another number of processes x workers (named, with what to use)."""
+def check_stream_layout(saved: dict[str, Any], world: int, num_workers: int, config: DataConfig) -> None:
+    """A streamed checkpoint continues at any layout; refused: a map-style checkpoint, and a re-deal of the
+    epoch (another layout mid-epoch) over a source whose shape changed (the positions would name other
+    entries), with the numbers."""
     position = saved.get("position", {})
     if "parts" not in position:
         raise TrainingError("cannot resume: the checkpoint was trained from a map-style source (the cache or an "
                             "indexed folder/manifest) and this run streams (data.streaming); set data.streaming "
                             "as it was")
     old, new = list(position["layout"]), layout(world, num_workers)
-    if old != new and position["parts"]:
-        raise TrainingError(
-            f"cannot resume mid-epoch {position['epoch']} with another layout: the checkpoint streamed "
-            f"{old[0]} process(es) x {old[1]} part(s) each, this run {new[0]} x {new[1]} (processes x "
-            f"max(1, data.num_workers)); the epoch's position is kept per part. Resume with {old[0]} process(es) "
-            f"and data.num_workers={old[1] if old[1] > 1 else '0 or 1'}, or resume from a checkpoint at an "
-            "epoch's start")
+    mid_epoch = bool(position["parts"]) or bool(position.get("history"))
+    if mid_epoch and (old != new or position.get("history")) and position.get("source") is not None:
+        now = source_signature(config)
+        if now != position["source"]:
+            what = "tar shards" if source_format(config) == "webdataset" else (
+                "images" if source_format(config) == "folder" else "bytes of the manifest")
+            raise TrainingError(
+                f"cannot resume mid-epoch {position['epoch']} with another layout ({old[0]} x {old[1]} -> "
+                f"{new[0]} x {new[1]} processes x parts): data.path has {now} {what}, the checkpoint's run "
+                f"{position['source']}; the saved positions name entries of that source. Restore the source, or "
+                f"resume with {old[0]} process(es) and data.num_workers={old[1] if old[1] > 1 else '0 or 1'}")
 
 
 def _epoch_source(config: DataConfig, seed: int, epoch: int) -> DataConfig:
@@ -120,10 +136,12 @@ def _epoch_source(config: DataConfig, seed: int, epoch: int) -> DataConfig:
 
 
 def part_batches(config: DataConfig, seed: int, epoch: int, part: int, parts: int, batch_size: int,
-                 resume: Optional[PartPosition] = None) -> Iterator[dict[str, Any]]:
+                 resume: Optional[PartPosition] = None, history: Sequence[dict[str, Any]] = ()
+                 ) -> Iterator[dict[str, Any]]:
     """One part's micro-batches of one epoch, each with "stream": (part, PartPosition after it); skipped
     entries are listed in the batch after them (counted in the first epoch only: later epochs read the same
-    entries again)."""
+    entries again). `history`: the epoch's earlier layouts (StreamPosition.history), whose unconsumed work
+    this layout's parts share (training.relayout)."""
     buckets = make_buckets(config.resolution, config.bucket_step, config.max_aspect, config.buckets)
     resume = resume or PartPosition()
     waiting = set(resume.pending)
@@ -141,7 +159,10 @@ def part_batches(config: DataConfig, seed: int, epoch: int, part: int, parts: in
         batch["stream"] = (part, state)
         return batch
 
-    for position, ordinal, item in part_items(_epoch_source(config, seed, epoch), part, parts, begin):
+    source = _epoch_source(config, seed, epoch)
+    entries = (task_items(source, epoch_tasks(source, history, parts)[part], begin) if history else
+               part_items(source, part, parts, begin))
+    for position, ordinal, item in entries:
         if position < resume.next and position not in waiting:
             continue  # in a batch before the checkpoint
         read_to = max(read_to, position + 1)
@@ -170,9 +191,9 @@ class _RankParts(torch.utils.data.IterableDataset):
     """In loader worker w: the batches of part rank x W + w, then ("end", part)."""
 
     def __init__(self, config: DataConfig, seed: int, epoch: int, rank: int, lay: list[int], batch_size: int,
-                 starts: dict[int, PartPosition]) -> None:
+                 starts: dict[int, PartPosition], history: Sequence[dict[str, Any]] = ()) -> None:
         self.config, self.seed, self.epoch, self.rank, self.layout = config, seed, epoch, rank, lay
-        self.batch_size, self.starts = batch_size, starts
+        self.batch_size, self.starts, self.history = batch_size, starts, list(history)
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
@@ -180,7 +201,7 @@ class _RankParts(torch.utils.data.IterableDataset):
         world, per_rank = self.layout
         part = self.rank * per_rank + worker
         yield from part_batches(self.config, self.seed, self.epoch, part, world * per_rank, self.batch_size,
-                                self.starts.get(part))
+                                self.starts.get(part), self.history)
         yield ("end", part)
 
 
@@ -196,9 +217,15 @@ class StreamingBatches:
         self.config, self.dist, self.workers = d, dist, d.num_workers
         self.seed, self.batch_size = config.seed, config.train.batch_size
         self.layout = layout(dist.world, d.num_workers)
-        self.position = position or StreamPosition(layout=self.layout)
-        if self.position.layout != self.layout:  # check_stream_layout allowed it: at an epoch's start
-            self.position = StreamPosition(self.position.epoch, {}, {}, self.layout)
+        self.source = source_signature(d)
+        p = position or StreamPosition(layout=self.layout)
+        if p.layout != self.layout:  # the epoch's unconsumed work is dealt to this layout's parts
+            history = p.history + ([{"layout": list(p.layout), "parts": p.to_dict()["parts"]}] if p.parts else [])
+            if p.parts or p.history:
+                log.info("streamed epoch %d resumed with %d x %d parts (was %d x %d): its remaining samples are "
+                         "dealt to the new parts", p.epoch, *self.layout, *p.layout)
+            p = StreamPosition(p.epoch, {}, {}, self.layout, history)
+        self.position = dataclasses.replace(p, source=self.source)
         note = split_note(d, self.layout[0] * self.layout[1])
         if note and dist.is_main:
             log.warning("%s", note)
@@ -211,7 +238,7 @@ class StreamingBatches:
         """This process's batches of the current epoch, its parts in rotation from the saved turn."""
         p = self.position
         dataset = _RankParts(self.config, self.seed, p.epoch, self.dist.rank, self.layout, self.batch_size,
-                             dict(p.parts))
+                             dict(p.parts), p.history)
         mine = self._mine()
         if self.workers <= 0:
             source: Iterator[Any] = iter(dataset)
@@ -239,7 +266,7 @@ class StreamingBatches:
                 _, state = batch.pop("stream")
                 parts = {**self.position.parts, part: state}
                 turns = {**self.position.turns, self.dist.rank: mine.index(active[0]) if active else 0}
-                self.position = StreamPosition(p.epoch, parts, turns, self.layout)
+                self.position = StreamPosition(p.epoch, parts, turns, self.layout, p.history, self.source)
                 batch["position"] = self.position
                 yield batch
         finally:
@@ -247,7 +274,7 @@ class StreamingBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            fresh = not self.position.parts  # a resumed epoch may have nothing left
+            fresh = not self.position.parts and not self.position.history  # a resumed epoch may have nothing left
             batches = self._epoch_batches()
             trained = False
             while True:
@@ -258,4 +285,4 @@ class StreamingBatches:
                 yield batch if batch is not None else {"skipped": [], "position": self.position}
             if fresh and not trained:
                 raise TrainingError(f"no usable samples in {self.config.path} in epoch {self.position.epoch}")
-            self.position = StreamPosition(self.position.epoch + 1, {}, {}, self.layout)
+            self.position = StreamPosition(self.position.epoch + 1, {}, {}, self.layout, [], self.source)

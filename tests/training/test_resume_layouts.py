@@ -129,3 +129,7 @@ def test_resumed_with_another_layout_no_sample_of_the_epoch_is_skipped_or_repeat
     order = [i for block in epoch_batches([(32, 32)] * 24, before[0] * before[1], 0, 0) for i in block]
     assert sorted(epoch0) == sorted((f"img{i:04d}.png", sample_seed(0, 0, k)) for k, i in enumerate(order))
     assert any(v["epoch"] == 1 for v in second)  # and it went on into the next epoch
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "loss" in m]
+    assert train[stop_step - 1]["samples_seen"] == len(first)  # every rank's own samples, summed
+    assert train[-1]["samples_seen"] == len(first) + len(second)

@@ -2,8 +2,9 @@
 epoch and every rejected entry is counted once; a part resumed after any of its batches continues with
 exactly the batches it would have had; the process's stream (real loader workers) resumed at any step
 continues exactly; and the real trainer under gloo, 2 ranks x 2 workers on tar shards, stopped at a step
-and resumed, visits exactly the samples of an uninterrupted run. A resume with another layout mid-epoch is
-refused with the numbers."""
+and resumed, visits exactly the samples of an uninterrupted run. A resume with another layout mid-epoch
+continues (re-dealt: tests/training/test_scale_leftovers.py) unless the source changed, refused with the
+numbers."""
 
 from __future__ import annotations
 
@@ -96,16 +97,20 @@ def test_the_process_stream_resumed_at_any_step_continues_exactly(tmp_path, work
         assert [(b.get("key"), b.get("seed")) for b in rest] == [(b.get("key"), b.get("seed")) for b in full[k + 1:]], k
 
 
-def test_another_layout_mid_epoch_is_refused_and_at_an_epoch_start_continues():
-    mid = {"position": {"epoch": 2, "parts": {"0": [5], "1": [7, 3]}, "turns": {"0": 1}, "layout": [2, 2]}}
-    check_stream_layout(mid, 2, 2)
+def test_another_layout_mid_epoch_continues_unless_the_source_changed(tmp_path):
+    config = _stream_config(tmp_path, 2).data  # 8 shards
+    mid = {"position": {"epoch": 2, "parts": {"0": [5], "1": [7, 3]}, "turns": {"0": 1}, "layout": [2, 2],
+                        "source": 8}}
+    for world, workers in ((2, 2), (1, 2), (1, 0), (4, 3)):
+        check_stream_layout(mid, world, workers, config)  # re-dealt (tests/training/test_scale_leftovers.py)
     with pytest.raises(TrainingError) as info:
-        check_stream_layout(mid, 1, 2)
+        check_stream_layout({"position": {**mid["position"], "source": 9}}, 1, 2, config)
     text = str(info.value)
-    assert "2 process(es) x 2 part(s) each, this run 1 x 2" in text and "data.num_workers=2" in text
-    check_stream_layout({"position": {"epoch": 3, "parts": {}, "turns": {}, "layout": [2, 2]}}, 1, 0)
+    assert "2 x 2 -> 1 x 2" in text and "has 8 tar shards, the checkpoint's run 9" in text and "data.num_workers=2" in text
+    check_stream_layout({"position": {**mid["position"], "source": 9}}, 2, 2, config)  # the same layout: as before
+    check_stream_layout({"position": {"epoch": 3, "parts": {}, "turns": {}, "layout": [2, 2]}}, 1, 0, config)
     with pytest.raises(TrainingError, match="map-style source"):
-        check_stream_layout({"position": {"epoch": 0, "sample": 8, "order_batch": 4}}, 1, 0)
+        check_stream_layout({"position": {"epoch": 0, "sample": 8, "order_batch": 4}}, 1, 0, config)
 
 
 def test_streaming_is_the_default_for_webdataset_without_the_cache_only(tmp_path):
