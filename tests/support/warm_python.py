@@ -146,8 +146,8 @@ def _handle(listener: socket.socket, conn: socket.socket, base_env: dict, set_by
             return
         difference = env_difference(request["env"], base_env)
         if difference:
-            _send(conn, {"cold": f"environment differs in {difference[:5]}"})
             print(f"warm_python: cold {request['argv'][:3]}: environment differs in {difference[:5]}", flush=True)
+            _send(conn, {"cold": f"environment differs in {difference[:5]}"})
             return
         request["env"] = {**set_by_imports, **request["env"]}  # as the imports would have set them in the child
         if os.fork() == 0:
