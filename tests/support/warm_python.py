@@ -12,7 +12,7 @@ interpreter; the child sees the stand-in as `sys.executable`, so torchrun's work
 A request runs cold (the stand-in execs the real interpreter) when it cannot be reproduced faithfully:
 an environment that differs from the zygote's in a variable a library may read at import time (only
 ELLA_*, PYTEST_*, torchrun's rank variables and TOKENIZERS_PARALLELISM may differ), an interpreter flag
-other than -u/-m/-c, or no zygote answering. Two zygotes alternate, so consecutive processes (the ranks of
+other than -u/-m (`-c` included), or no zygote answering. Two zygotes alternate, so consecutive processes (the ranks of
 one job, a run and its resume) never share a string-hash seed, as fresh interpreters would not; numpy's
 global generator is reseeded in each child (Python's `random` reseeds itself on fork).
 Import-time warnings of the preloaded libraries are printed once by the zygote, not by each child.
@@ -91,8 +91,8 @@ def parse_python_argv(args: list[str]):
         flag = args[i]
         if flag == "-u":
             unbuffered = True
-        elif flag in ("-m", "-c") and i + 1 < len(args):
-            return unbuffered, flag[1], args[i + 1], args[i + 2:]
+        elif flag == "-m" and i + 1 < len(args):
+            return unbuffered, "m", args[i + 1], args[i + 2:]
         else:
             return None
         i += 1
@@ -199,7 +199,7 @@ def _stdio(fd: int, write: bool, unbuffered: bool, errors: str):
 
 
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """Becomes `python [-u] <script | -m module | -c code> args` as the stand-in was asked to."""
+    """Becomes `python [-u] <script | -m module> args` as the stand-in was asked to."""
     code = 1
     try:
         conn.close()
@@ -254,27 +254,17 @@ def _run(kind: str, target: str, rest: list[str]) -> int:
     import threading
     import types
 
-    main = types.ModuleType("__main__")
-    sys.modules["__main__"] = main
+    sys.modules["__main__"] = types.ModuleType("__main__")  # an empty __main__, as at start-up
     code = 0
     try:
         if kind == "script":
-            path = os.path.abspath(target)
             sys.argv = [target, *rest]
-            sys.path[0] = os.path.dirname(os.path.realpath(path))
-            main.__file__ = target
-            main.__cached__ = None
-            with open(path, "rb") as f:
-                source = f.read()
-            exec(compile(source, target, "exec"), main.__dict__)
-        elif kind == "m":
+            sys.path[0] = os.path.dirname(os.path.realpath(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")  # runs it as the __main__ module
+        else:
             sys.argv = ["-m", *rest]
             sys.path[0] = os.getcwd()
-            runpy._run_module_as_main(target, alter_argv=True)
-        else:
-            sys.argv = ["-c", *rest]
-            sys.path[0] = ""
-            exec(compile(target, "<string>", "exec"), main.__dict__)
+            runpy._run_module_as_main(target, alter_argv=True)  # what `python -m` itself calls
     except SystemExit as e:
         code = _exit_code(e.code)
     except KeyboardInterrupt:
@@ -284,7 +274,10 @@ def _run(kind: str, target: str, rest: list[str]) -> int:
         code = -signal.SIGINT
     except BaseException:  # noqa: BLE001 - an uncaught exception: traceback, status 1, like python
         kind_, value, tb = sys.exc_info()
-        sys.excepthook(kind_, value.with_traceback(tb.tb_next), tb.tb_next)  # from the program's frames on
+        tb = tb.tb_next
+        while kind == "script" and tb is not None and tb.tb_frame.f_code.co_filename != target:
+            tb = tb.tb_next  # runpy's frames: python's traceback starts at the script's
+        sys.excepthook(kind_, value.with_traceback(tb), tb)
         code = 1
     threading._shutdown()
     child_atexit._run_exitfuncs()

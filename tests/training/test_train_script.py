@@ -354,6 +354,6 @@ assert all(torch.equal(state[k].float(), saved[k].float()) for k in saved)
 assert managed.metadata.base_model == "sd15" and managed.metadata.token_length == 16
 print("LOADED", managed.module.config.input_dim, managed.metadata.llm)
 """
-    proc = subprocess.run([python(), "-c", script], capture_output=True, text=True, timeout=180, cwd=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"LOADED 32 {tiny_t5}" in proc.stdout
