@@ -2,7 +2,7 @@
 changes the image; with "strip" (and in graphs saved without the widget) it is the plain prompt's image.
 
 The shared tiny SD1.5 checkpoint's UNet outputs zeros (its final GroupNorm weight is 0), so no prompt can
-change its images; this module runs its own server on a copy whose final GroupNorm weight is 1."""
+change its images; this module adds a copy whose final GroupNorm weight is 1 to the node tests' server."""
 
 from __future__ import annotations
 
@@ -15,28 +15,24 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from devtools import tiny_models as tm
-from tests.nodes.conftest import TEST_PACKS
 from tests.nodes.graphs import ella_prompt
-from tests.support.comfy_server import ComfyServer, PromptFailed
+from tests.support.comfy_server import PromptFailed
 
 OUT_NORM = "model.diffusion_model.out.0.weight"
 
 
+VISIBLE_CKPT = "tiny_sd15_visible_unet.safetensors"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ella-weights")
-    models = tm.write_all(base / "models").models_dir
-    path = models / "checkpoints" / tm.CHECKPOINT_NAME
-    state = load_file(str(path))
+def server(server, tiny_base):
+    """The node tests' server (tests/nodes/conftest.py), its checkpoints folder holding the visible copy too
+    (ComfyUI lists the folder again when it changes)."""
+    checkpoints = tiny_base / "models" / "checkpoints"
+    state = load_file(str(checkpoints / tm.CHECKPOINT_NAME))
     state[OUT_NORM] = torch.ones_like(state[OUT_NORM])
-    path.unlink()  # a link into the shared model cache: replace it, never write through it
-    save_file(state, str(path))
-    srv = ComfyServer(base, extra_packs=TEST_PACKS)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    save_file(state, str(checkpoints / VISIBLE_CKPT))  # a new file: the shared one (a link) is never written
+    return server
 
 PLAIN = "a red fox in the snow"
 WEIGHTED = "a (red:1.8) fox in the (snow:0.3)"
@@ -44,6 +40,7 @@ WEIGHTED = "a (red:1.8) fox in the (snow:0.3)"
 
 def _pixels(server, tmp_path, text: str, weighting: str | None) -> np.ndarray:
     graph = ella_prompt(out_dir=str(tmp_path / f"rec-{weighting}-{len(text)}"), positive=text, steps=2, seed=3)
+    graph["ckpt"]["inputs"]["ckpt_name"] = VISIBLE_CKPT
     if weighting is not None:
         graph["pos"]["inputs"]["weighting"] = weighting
     result = server.run(graph)

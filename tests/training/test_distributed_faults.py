@@ -9,12 +9,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from tests.training.train_helpers import ROOT, TINY_CONFIG
+from tests.training.train_helpers import ROOT, TINY_CONFIG, python
 
 from tests.training.test_signals import ENTRY
 
@@ -37,7 +36,7 @@ def _launch(args: list[str], env: dict[str, str]) -> list[tuple[int, str, float]
     started = time.time()
     for rank in range(2):
         procs.append(subprocess.Popen(
-            [sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
+            [python(), str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **env, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                  "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}))
@@ -110,7 +109,7 @@ def test_sigterm_to_one_rank_stops_both_and_the_rerun_resumes(tiny_sd15, tiny_t5
     args = _args(tiny_sd15, tiny_t5, data, tmp_path / "run", f"data.num_workers={workers}")
     port = str(_free_port())
     procs = [subprocess.Popen(
-        [sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
+        [python(), str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "ELLA_TEST_SLOW_ENCODE_S": "0.3", "RANK": str(r),
              "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})

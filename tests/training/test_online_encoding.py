@@ -9,7 +9,6 @@ import dataclasses
 import itertools
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from tests.training.train_helpers import TINY_CONFIG, read_metrics, run_trainer, synthetic_samples, write_folder
+from tests.training.train_helpers import TINY_CONFIG, python, read_metrics, run_trainer, synthetic_samples, write_folder
 
 from training import cache as feature_cache
 from training import online
@@ -353,7 +352,7 @@ def test_two_gloo_processes_in_latents_mode_match_one(mode_runs, tiny_sd15, tiny
     """Each process builds its share of the latents cache without the LLM, then holds its own LLM and encodes
     its half of every global micro-batch."""
     two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    torchrun = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(random.randint(20000, 40000))]
     run_trainer(*_common(tiny_sd15, tiny_t5, datasets["jsonl"], two), "cache.mode=latents", "train.batch_size=2",
                 "train.backend=gloo", launcher=torchrun, timeout=400)

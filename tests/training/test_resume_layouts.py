@@ -10,12 +10,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.training.train_helpers import ROOT, TINY_CONFIG
+from tests.training.train_helpers import ROOT, TINY_CONFIG, python
 
 from training.data import BatchPlan, DataPosition, epoch_batches, sample_seed
 
@@ -89,7 +88,7 @@ def _train(world: int, args: list[str], seen: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ELLA_TEST_SEEN": str(seen)}
     if world > 1:
         env.update({"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-    procs = [subprocess.Popen([sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
+    procs = [subprocess.Popen([python(), str(ENTRY), "--config", str(TINY_CONFIG), *args], cwd=str(ROOT),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)} if world > 1 else env)
              for r in range(world)]

@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from tests.training.train_helpers import ROOT, TINY_CONFIG, run_trainer, synthetic_samples, write_folder
+from tests.training.train_helpers import ROOT, TINY_CONFIG, python, run_trainer, synthetic_samples, write_folder
 
 from training.cache import FeatureCache
 
@@ -26,7 +25,7 @@ class Trainer:
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, str(ENTRY), "--config", str(TINY_CONFIG), *args],
+        self.proc = subprocess.Popen([python(), str(ENTRY), "--config", str(TINY_CONFIG), *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)

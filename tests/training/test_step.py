@@ -10,12 +10,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tests.training.train_helpers import ROOT, TINY_CONFIG
+from tests.training.train_helpers import ROOT, TINY_CONFIG, python
 
 from training.config import OptimConfig
 from training.models import EMA
@@ -130,7 +129,7 @@ def _probe_env(probe_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def _args(base: Path, llm: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(PROBE), "--config", str(TINY_CONFIG), f"model.pretrained={base}",
+    return [python(), str(PROBE), "--config", str(TINY_CONFIG), f"model.pretrained={base}",
             f"llm.source={llm}", f"data.path={data}", f"output_dir={out}", "train.max_steps=100",
             "train.checkpoint_every=1000", *extra]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.training.train_helpers import (ROOT, TINY_CONFIG, TRAIN_SCRIPT, png_bytes, read_metrics, run_trainer, synthetic_samples,
+from tests.training.train_helpers import (ROOT, TINY_CONFIG, TRAIN_SCRIPT, png_bytes, python, read_metrics, run_trainer, synthetic_samples,
                       write_folder)
 from safetensors.torch import load_file
 
@@ -196,7 +196,7 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tiny_sd15, tiny_t5, datase
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd15, tiny_t5, datasets, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(TINY_CONFIG),
+    cmd = [python(), str(TRAIN_SCRIPT), "--config", str(TINY_CONFIG),
            *_common(tiny_sd15, tiny_t5, datasets["folder"], out), "train.max_steps=100000",
            "train.checkpoint_every=100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
@@ -229,7 +229,7 @@ def test_two_gloo_processes_match_one_process(tiny_sd15, tiny_t5, datasets, tmp_
         "train.max_steps=3", "data.caption_dropout=0.2", "optim.lr=1e-4", "optim.schedule_steps=3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_trainer(*common, f"output_dir={one}", "train.batch_size=4")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    torchrun = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(random.randint(20000, 40000))]
     run_trainer(*common, f"output_dir={two}", "train.batch_size=2", "train.backend=gloo", "train.max_steps=2",
                 launcher=torchrun, timeout=400)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import random
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tests.training.train_helpers import png_bytes, read_metrics, run_trainer, synthetic_samples, write_folder
+from tests.training.train_helpers import png_bytes, python, read_metrics, run_trainer, synthetic_samples, write_folder
 
 
 def _common(base: Path, llm: Path, data, out: Path, *extra: str) -> list[str]:
@@ -31,7 +30,7 @@ def _imagefolder(root: Path, n: int) -> Path:
 
 
 def _umask(mask: int) -> list[str]:
-    return ["sh", "-c", f'umask {mask:03o} && exec "$0" "$@"', sys.executable]
+    return ["sh", "-c", f'umask {mask:03o} && exec "$0" "$@"', python()]
 
 
 def _modes(out: Path) -> dict[str, set[str]]:
@@ -208,7 +207,7 @@ def test_two_processes_log_once_and_count_each_skip_once(tiny_sd15, tiny_t5, tmp
     (data / "img0003.caption").unlink()
     (data / "img0003.txt").write_text("a .txt is not read when data.caption_extension is .caption\n")
     out = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    torchrun = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(random.randint(20000, 40000))]
     proc = run_trainer(*_common(tiny_sd15, tiny_t5, data, out), "train.max_steps=2", "train.batch_size=2",
                        "train.backend=gloo", "data.caption_extension=.caption", f"cache.enabled={cache}",

@@ -169,10 +169,18 @@ def pretrain_text_reliant_unet(base: Path, t5: Path, out: Path, steps: int = 120
     return out
 
 
+def python() -> str:
+    """The interpreter the trainer's subprocesses run under: a warm stand-in for sys.executable that skips
+    the ~8 s of library imports per process (tests/support/warm_python.py; ELLA_TEST_COLD_PYTHON=1: cold)."""
+    from tests.support import warm_python
+
+    return warm_python.interpreter()
+
+
 def run_trainer(*overrides: str, config: Path = TINY_CONFIG, env: dict | None = None, timeout: int = 300,
                 launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Runs training/train.py as a real script (optionally under a launcher such as torchrun)."""
-    cmd = (launcher or [sys.executable]) + [str(TRAIN_SCRIPT), "--config", str(config), *overrides]
+    cmd = (launcher or [python()]) + [str(TRAIN_SCRIPT), "--config", str(config), *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(ROOT))
     if proc.returncode != 0:
