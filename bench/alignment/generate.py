@@ -1,0 +1,297 @@
+"""Stage 6 `generate`: images of every method for the same prompts, noise, sampler, steps and guidance.
+
+Methods (METHODS): (a) `base`, the frozen UNet with the weak bag-of-words encoder it was trained with;
+(b) `tsc`, (c) `no_time`, (d) `mean_pool`, the connectors of stage 5 in front of the same frozen UNet; (e)
+`upper`, the UNet fine-tuned with a trainable per-token projection of the LLM features (stage 7). Each
+method is a `Conditioner` giving the UNet's context at a step's t for a batch of prompts, and the one sampler
+below (`sample`) is shared, so the methods differ only in their context. ELLA arms call the connector at
+every step's t; their LLM features come from ella_core's encoder exactly as the trainer encoded its captions
+(training.models.load_llm / encode_texts with the arms' LLM settings). The unconditional half of
+classifier-free guidance is each method's encoding of the empty prompt (the trainer's caption dropout, and
+the base's own).
+
+Prompts: the first caption of the first `profile.gen_prompts` scenes of test_seen and test_heldout; noise:
+one seeded draw per (split, prompt, noise seed), the same for every method and independent of batching.
+Images are saved per method and split as uint8 arrays in `<workdir>/generate/<method>/<split>.npz`
+(`images`: (models, prompts, seeds, H, W, 3), one model per training seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from bench.alignment import arms as arms_stage
+
+METHODS = ("base", "tsc", "no_time", "mean_pool", "upper")
+LABELS = {"base": "(a) base + weak encoder", "tsc": "(b) ELLA TSC", "no_time": "(c) TSC without timestep",
+          "mean_pool": "(d) mean-pooled LLM", "upper": "(e) upper bound (UNet + LLM fine-tuned)"}
+SPLITS = ("test_seen", "test_heldout")
+
+
+def settings(profile: Any) -> dict[str, Any]:
+    keys = ("gen_prompts", "gen_seeds", "gen_steps", "gen_cfg", "gen_batch")
+    return {k: getattr(profile, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    split: str
+    index: int  # the image's number in <workdir>/world/<split>/
+    text: str  # its first caption
+    scene: Any  # the ground truth (world.Obj tuple)
+
+
+def read_prompts(workdir: Path, split: str, limit: int) -> list[Prompt]:
+    """The first `limit` scenes of a split's image folder (captions from <i>.txt, scenes from scenes.jsonl)."""
+    from bench.alignment import world
+
+    root = workdir / "world" / split
+    scenes = world.read_scenes(root)
+    prompts = []
+    for i, scene in enumerate(scenes[:limit]):
+        text = (root / f"{i}.txt").read_text().splitlines()[0].strip()
+        prompts.append(Prompt(split, i, text, scene))
+    return prompts
+
+
+def noise_seed(split: str, prompt: int, seed: int) -> int:
+    """The seed of one image's initial noise: the same for every method, whatever the batching."""
+    return int.from_bytes(hashlib.sha256(f"alignment/{split}/{prompt}/{seed}".encode()).digest()[:8], "little") >> 1
+
+
+def initial_noise(prompts: Sequence[Prompt], seeds: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(P * seeds, C, h, w): row p * seeds + s is prompt p's noise for seed s."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(p.split, p.index, s)))
+            for p in prompts for s in range(seeds)]
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+class Conditioner:
+    """A method's UNet context: `context(rows, t)` -> (R, N, D) for prompt rows, `empty(t)` -> (1, N, D)."""
+
+    unet: Any
+
+    def prepare(self, texts: list[str]) -> None:
+        """Encodes the prompts of a batch (once, before the steps)."""
+        raise NotImplementedError
+
+    def context(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def empty(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class WeakConditioner(Conditioner):
+    """(a): the weak encoder's per-word context, the same at every step."""
+
+    def __init__(self, unet: Any, encoder: Any) -> None:
+        self.unet, self.encoder = unet, encoder
+        with torch.no_grad():
+            self._empty = encoder.encode([""]).float()
+
+    def prepare(self, texts: list[str]) -> None:
+        with torch.no_grad():
+            self._context = self.encoder.encode(list(texts)).float()
+
+    def context(self, t: torch.Tensor) -> torch.Tensor:
+        return self._context
+
+    def empty(self, t: torch.Tensor) -> torch.Tensor:
+        return self._empty
+
+
+class LLMFeatures:
+    """The LLM features of prompts as the trainer encoded the arms' captions (same encoder, mode, length)."""
+
+    def __init__(self, llm: str, profile: Any) -> None:
+        from training.config import LLMConfig
+        from training.models import load_llm
+
+        self.config = LLMConfig(source=str(llm), dtype="float32", token_mode="fixed",
+                                max_length=int(profile.llm_max_length))
+        self.encoder = load_llm(self.config, torch.device("cpu"))
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """texts -> (B, L, D_llm) float32 (fixed mode: every prompt has max_length positions)."""
+        from training.models import encode_texts
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            for text, f in zip(missing, encode_texts(self.encoder, missing, self.config).float()):
+                self._cache[text] = f
+        return torch.stack([self._cache[t] for t in texts])
+
+
+class ELLAConditioner(Conditioner):
+    """(b), (c), (d): the connector called at the step's t (a no_time connector ignores it itself)."""
+
+    def __init__(self, unet: Any, ella: Any, features: LLMFeatures) -> None:
+        self.unet, self.ella, self.features = unet, ella, features
+        self._empty_features = features([""])
+
+    def prepare(self, texts: list[str]) -> None:
+        self._features = self.features(texts)
+
+    def context(self, t: torch.Tensor) -> torch.Tensor:
+        return self.ella(self._features, t.float())
+
+    def empty(self, t: torch.Tensor) -> torch.Tensor:
+        return self.ella(self._empty_features, t.float())
+
+
+class ProjectionConditioner(Conditioner):
+    """(e): the fine-tuned UNet with its trained per-token projection of the LLM features."""
+
+    def __init__(self, unet: Any, projection: torch.nn.Module, features: LLMFeatures) -> None:
+        self.unet, self.projection, self.features = unet, projection, features
+        with torch.no_grad():
+            self._empty = projection(features([""]))
+
+    def prepare(self, texts: list[str]) -> None:
+        with torch.no_grad():
+            self._context = self.projection(self.features(texts))
+
+    def context(self, t: torch.Tensor) -> torch.Tensor:
+        return self._context
+
+    def empty(self, t: torch.Tensor) -> torch.Tensor:
+        return self._empty
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+@torch.no_grad()
+def sample(conditioner: Conditioner, scheduler_config: Any, noise: torch.Tensor, texts: list[str], *, steps: int,
+           guidance: float) -> torch.Tensor:
+    """DDIM (eta 0) with classifier-free guidance: noise (B, C, h, w), one text per row -> latents (B, C, h, w).
+    The context is asked for at every step's t (constant for methods whose context does not depend on t)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    conditioner.prepare(texts)
+    latents = noise * scheduler.init_noise_sigma
+    b = latents.shape[0]
+    unet = conditioner.unet
+    for t in scheduler.timesteps:
+        cond = conditioner.context(t)  # (B, N, D)
+        uncond = conditioner.empty(t).expand(b, -1, -1)
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        out = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+        out_uncond, out_cond = out.chunk(2)
+        latents = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, latents).prev_sample
+    return latents
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def generate_method(conditioner: Conditioner, base: Any, prompts: list[Prompt], profile: Any) -> np.ndarray:
+    """-> (P, seeds, H, W, 3) uint8 images of one model for `prompts`."""
+    seeds = int(profile.gen_seeds)
+    shape = (int(base.unet.config.in_channels), *_latent_hw(base, int(profile.image_size)))
+    noise = initial_noise(prompts, seeds, shape)
+    texts = [p.text for p in prompts for _ in range(seeds)]
+    chunks = []
+    size = int(profile.gen_batch)
+    for start in range(0, len(texts), size):
+        latents = sample(conditioner, base.scheduler.config, noise[start:start + size], texts[start:start + size],
+                         steps=int(profile.gen_steps), guidance=float(profile.gen_cfg))
+        with torch.no_grad():
+            chunks.append(to_uint8(base.decode(latents)))
+    images = np.concatenate(chunks)
+    return images.reshape(len(prompts), seeds, *images.shape[1:])
+
+
+def _latent_hw(base: Any, size: int) -> tuple[int, int]:
+    f = base.latent_scale
+    return size // f, size // f
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def load_frozen_base(workdir: Path) -> Any:
+    """The base of stage 4 as the trainer loads it (training.models.load_base: UNet, VAE, scheduler)."""
+    from training.config import ModelConfig
+    from training.models import load_base
+
+    return load_base(ModelConfig(pretrained=str(workdir / "base" / "model"), base="sd15"), torch.device("cpu"),
+                     torch.float32)
+
+
+def conditioners(workdir: Path, profile: Any, llm: str, base: Any) -> dict[str, list[Callable[[], Conditioner]]]:
+    """method -> one factory per model (training seed), so only one model is in memory at a time."""
+    from ella_core import load_ella
+
+    from bench.alignment import upper, weak_encoder
+
+    features: list[LLMFeatures] = []
+
+    def llm_features() -> LLMFeatures:  # loaded once, on first use
+        if not features:
+            features.append(LLMFeatures(llm, profile))
+        return features[0]
+
+    arm_done = json.loads((workdir / "arms" / "done.json").read_text())["figures"]
+    out: dict[str, list[Callable[[], Conditioner]]] = {
+        "base": [lambda: WeakConditioner(base.unet, weak_encoder.load_weak_encoder(workdir / "base" / "weak_encoder.safetensors"))]}
+    for arm, files in arms_stage.connectors(arm_done).items():
+        out[arm] = [lambda f=f: ELLAConditioner(base.unet, load_ella(f, dtype=torch.float32).eval(), llm_features())
+                    for f in files]
+    out["upper"] = [lambda: ProjectionConditioner(*upper.load_upper(workdir), llm_features())]
+    return {m: out[m] for m in METHODS if m in out}
+
+
+def run(workdir: Path, profile: Any, *, llm: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Generates every method's images for both splits; -> figures (counts, seconds per method)."""
+    import time
+
+    torch.manual_seed(0)
+    base = load_frozen_base(workdir)
+    prompts = {split: read_prompts(workdir, split, int(profile.gen_prompts)) for split in SPLITS}
+    out_root = workdir / "generate"
+    figures: dict[str, Any] = {"prompts": {s: len(p) for s, p in prompts.items()}, "seconds": {}, "models": {}}
+    for method, factories in conditioners(workdir, profile, llm, base).items():
+        start = time.perf_counter()
+        per_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        for factory in factories:
+            conditioner = factory()
+            for split in SPLITS:
+                per_split[split].append(generate_method(conditioner, base, prompts[split], profile))
+            del conditioner
+        (out_root / method).mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            np.savez_compressed(out_root / method / f"{split}.npz", images=np.stack(per_split[split]),
+                                prompts=np.array([p.text for p in prompts[split]]),
+                                indices=np.array([p.index for p in prompts[split]]))
+        seconds = time.perf_counter() - start
+        figures["seconds"][method] = round(seconds, 2)
+        figures["models"][method] = len(factories)
+        log(f"  generated {method}: {len(factories)} model(s) x {sum(len(p) for p in prompts.values())} prompts x "
+            f"{profile.gen_seeds} seeds in {seconds:.1f} s")
+    return figures
+
+
+def load_images(workdir: Path, method: str, split: str) -> np.ndarray:
+    """(models, prompts, seeds, H, W, 3) uint8 images of a method on a split, as stage 6 saved them."""
+    with np.load(workdir / "generate" / method / f"{split}.npz") as data:
+        return data["images"]
