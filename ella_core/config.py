@@ -15,6 +15,10 @@ from typing import Any, Optional
 # Base-model families a connector can be made for, with the UNet context width each expects.
 BASE_CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
 SDXL_POOLED_DIM = 1280
+INPUT_POOLS = (None, "mean")  # ELLAConfig.input_pool: None keeps every token; "mean" pools them into one
+# Fields added after the first release, with their defaults: left out of the saved config at these values, so
+# a default connector's file is byte-identical to one written before they existed.
+LATER_FIELDS = {"time_aware": True, "input_pool": None}
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class ELLAConfig:
     time_channel: int = 320  # sinusoidal timestep features
     time_embed_dim: int = 768  # width of the timestep MLP's output, which modulates every AdaLN
     pooled_dim: Optional[int] = None  # SDXL only: adds `pooled_proj` (see connector.ELLA.pooled)
+    # Ablations (same weights and key names as the default connector, so files and init_from work both ways):
+    time_aware: bool = True  # False: every t is treated as t = 0, so the context is the same at every step
+    input_pool: Optional[str] = None  # "mean": the prompt's tokens are averaged into one before the resampler
 
     # Pinned conventions of the reference (SD UNet style timestep embedding); not configurable on purpose.
     FLIP_SIN_TO_COS = True  # cosine half first, then sine
@@ -46,9 +53,19 @@ class ELLAConfig:
             raise ValueError(f"ELLAConfig: time_channel must be even, got {self.time_channel}")
         if self.pooled_dim is not None and (not isinstance(self.pooled_dim, int) or self.pooled_dim <= 0):
             raise ValueError(f"ELLAConfig.pooled_dim must be a positive integer or None, got {self.pooled_dim!r}")
+        if not isinstance(self.time_aware, bool):
+            raise ValueError(f"ELLAConfig.time_aware must be true or false, got {self.time_aware!r}")
+        if self.input_pool not in INPUT_POOLS:
+            raise ValueError(f"ELLAConfig.input_pool must be one of {list(INPUT_POOLS)} (None: no pooling), "
+                             f"got {self.input_pool!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, without later fields at their defaults (see LATER_FIELDS)."""
+        data = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if data[name] is default:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

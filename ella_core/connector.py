@@ -15,6 +15,13 @@ wherever the BLAS gives a matrix product's rows independently of the row count. 
 this CPU: always with one thread once every product has at least STACK_MIN_ROWS rows per prompt; with
 several threads MKL may split the reduction of the K >= 2048 products (proj_in, c_proj) differently once
 there are hundreds of rows; cuBLAS picks kernels by shape, so on a GPU expect last-bit differences.
+
+Ablations (ELLAConfig, same parameters): `time_aware=False` replaces every t by 0 wherever t enters (forward,
+forward_projected, forward_many), so the AdaLN modulations and the latents' time offset act as learned
+constants. `input_pool="mean"` pools each prompt's projected tokens into one (`pool_tokens`) before the
+resampler, which then attends to that token with no bias. proj_in is affine and the pooling weights sum to
+one, so pooling after it equals pooling the features before it; done after, `project_text` stays free of t
+and of the text bias, and every caller keeps one code path.
 """
 
 from __future__ import annotations
@@ -52,6 +59,29 @@ def broadcast_timesteps(timesteps: Timesteps, batch: int, device: torch.device) 
     if t.numel() != batch:
         raise ValueError(f"ELLA: got {t.numel()} timesteps for a batch of {batch}; pass one timestep or one per sample")
     return t
+
+
+def pool_tokens(projected: torch.Tensor, text_bias: torch.Tensor | None) -> torch.Tensor:
+    """Each row's tokens averaged with weights softmax(text_bias) (uniform for None): (B, L, W) -> (B, 1, W).
+
+    -inf tokens are left out of the sum rather than weighted by zero, and every row is reduced on its own, so a
+    padded row (-inf on its padding) equals the same prompt unpadded bit for bit; log(w) scales a token's share.
+    """
+    B, L, _ = projected.shape
+    rows = []
+    for i in range(B):
+        x = projected[i]  # (L, W)
+        bias = projected.new_zeros(L, dtype=torch.float32) if text_bias is None else text_bias[i].float()
+        if torch.isnan(bias).any() or (bias == math.inf).any():
+            raise ValueError(f"ELLA: text_bias of row {i} holds NaN or +inf; a token's bias is log(weight) "
+                             "with a finite weight >= 0 (-inf leaves it out)")
+        keep = bias > -math.inf
+        if not keep.any():
+            raise ValueError(f"ELLA: text_bias leaves out all {L} tokens of row {i}: nothing to pool")
+        if not keep.all():
+            x, bias = x[keep], bias[keep]
+        rows.append(torch.softmax(bias, dim=0).to(x.dtype) @ x.contiguous())  # (W,)
+    return torch.stack(rows).unsqueeze(1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -206,9 +236,20 @@ class ELLA(nn.Module):
         self._check_features(text_features, self.config.input_dim, "text_features")
         return self.connector.proj_in(text_features.to(device=self.device, dtype=self.dtype))
 
+    def _seen_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timesteps the resampler sees: t itself, or zeros for a connector that is not time-aware."""
+        return t if self.config.time_aware else torch.zeros_like(t)
+
+    def _text_input(self, projected: torch.Tensor,
+                    text_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text tokens and bias the resampler attends to: as given, or pooled into one token (no bias)."""
+        if self.config.input_pool == "mean":
+            return pool_tokens(projected, text_bias), None
+        return projected, text_bias
+
     def time_embed(self, timesteps: Timesteps, batch: int) -> torch.Tensor:
         """-> (B, 1, time_embed_dim) in the module's dtype."""
-        t = broadcast_timesteps(timesteps, batch, self.device)
+        t = self._seen_t(broadcast_timesteps(timesteps, batch, self.device))
         sinusoid = timestep_sinusoid(t, self.config.time_channel).to(self.dtype)
         return self.time_embedding(sinusoid).unsqueeze(1)
 
@@ -226,7 +267,9 @@ class ELLA(nn.Module):
         self._check_features(projected, self.config.width, "projected text")
         projected = projected.to(device=self.device, dtype=self.dtype)
         text_bias = self._check_bias(text_bias, projected)
-        return self.connector(projected, self.time_embed(timesteps, projected.shape[0]), text_bias)
+        temb = self.time_embed(timesteps, projected.shape[0])
+        text, text_bias = self._text_input(projected, text_bias)
+        return self.connector(text, temb, text_bias)
 
     def forward(self, text_features: torch.Tensor, timesteps: Timesteps,
                 text_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,12 +300,14 @@ class ELLA(nn.Module):
         t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
         if t.numel() != projected.shape[0]:
             raise ValueError(f"ELLA: forward_many got {t.numel()} timesteps for {projected.shape[0]} rows")
+        t = self._seen_t(t)
         projected = projected.to(device=self.device, dtype=self.dtype)
         text_bias = self._check_bias(text_bias, projected)
         if self.config.num_latents < STACK_MIN_ROWS and projected.shape[0] > 1:
             return torch.cat([self.forward_many(projected[i:i + 1], t[i:i + 1],
                                                 None if text_bias is None else text_bias[i:i + 1])
                               for i in range(len(t))])
+        projected, text_bias = self._text_input(projected, text_bias)
         values = t.tolist()
         distinct = list(dict.fromkeys(values))
         states = {v: self.time_state(v) for v in distinct}
