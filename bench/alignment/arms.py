@@ -5,7 +5,7 @@ Three arms, each a real trainer option and nothing else different:
   tsc        (b) the Timestep-Aware Semantic Connector as released (its AdaLN reads t);
   no_time    (c) `connector.time_aware: false`: the same resampler always at t = 0, one context for every step;
   mean_pool  (d) `connector.input_pool: mean`: the LLM features averaged into one token before the resampler.
-The arms share one feature cache (`<workdir>/arms/cache`: same data, same LLM settings, so the trainer's
+The arms share one feature cache (`<workdir>/cache`: same data, same LLM settings, so the trainer's
 settings hash is the same and SmolLM2 encodes the captions once). With `profile.arm_seeds > 1` the arms the
 paper's claim is about, (b) and (c), are trained with that many training seeds, so the confidence intervals of
 stage 8 include training-seed variance. The runs go one after the other (the machine has two cores).
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+
+from bench.alignment import stage_io
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "training" / "train.py"
@@ -52,12 +54,37 @@ def arm_runs(profile: Any) -> list[ArmRun]:
     return [ArmRun(arm, seed) for arm in ARMS for seed in (seeds if arm in SEEDED_ARMS else seeds[:1])]
 
 
-def settings(profile: Any, llm: str) -> dict[str, Any]:
-    """What the stage's result depends on (besides the stages before it): compared with done.json."""
-    keys = ("image_size", "arm_steps", "arm_batch", "arm_lr", "arm_warmup", "arm_seeds", "arm_layers", "arm_heads",
-            "arm_latents", "arm_time_channel", "arm_time_embed_dim", "llm_max_length", "caption_dropout",
-            "min_snr_gamma", "arm_holdout", "arm_val_every")
-    return {"llm": str(llm), **{k: getattr(profile, k) for k in keys}}
+SETTINGS = ("arm_images", "arm_captions", "llm_max_length", "arm_steps", "arm_batch", "arm_lr", "arm_warmup",
+            "arm_seeds", "arm_layers", "arm_heads", "arm_latents", "arm_time_channel", "arm_time_embed_dim",
+            "caption_dropout", "min_snr_gamma", "arm_holdout", "arm_val_every")
+
+
+def settings(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
+    """What the stage's result depends on: the base's settings (and so the world's), the LLM, its own."""
+    return {"base": stage_io.settings_of(workdir / "base"), "llm": str(llm), **profile.settings(*SETTINGS)}
+
+
+def cache_folder(workdir: Path) -> Path:
+    """The arms' feature cache: outside the stage folder, so a rerun with other arm settings reuses what the
+    trainer encoded (its settings hash names the subfolder, so changed LLM settings never read stale features)."""
+    return workdir / "cache"
+
+
+def write_data(workdir: Path, profile: Any) -> Path:
+    """`<workdir>/arms/data/`: the first `arm_images` training images of the world, each with its first
+    `arm_captions` captions (SmolLM2 encodes every caption of the folder once, 0.05-0.2 s each on 2 cores,
+    so the arms' share of the world's 3 phrasings per image is bounded here)."""
+    import shutil
+
+    from bench.alignment import world
+
+    out = workdir / "arms" / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = world.load_scenes(workdir / "world" / "train")[: int(profile.arm_images)]
+    for image, _, captions in rows:
+        shutil.copyfile(image, out / image.name)
+        (out / image.with_suffix(".txt").name).write_text("\n".join(captions[: int(profile.arm_captions)]) + "\n")
+    return out
 
 
 def trainer_config(workdir: Path, profile: Any, llm: str, run: ArmRun) -> dict[str, Any]:
@@ -75,16 +102,16 @@ def trainer_config(workdir: Path, profile: Any, llm: str, run: ArmRun) -> dict[s
         "connector": {"layers": int(profile.arm_layers), "heads": int(profile.arm_heads),
                       "num_latents": int(profile.arm_latents), "time_channel": int(profile.arm_time_channel),
                       "time_embed_dim": int(profile.arm_time_embed_dim), **ARMS[run.arm]},
-        "data": {"path": str(workdir / "world" / "train"), "caption_rule": "random",
+        "data": {"path": str(workdir / "arms" / "data"), "caption_rule": "random",
                  "caption_dropout": float(profile.caption_dropout), "resolution": size, "buckets": False,
                  "bucket_step": _bucket_step(size), "num_workers": 0},
-        "cache": {"mode": "full", "dir": str(workdir / "arms" / "cache"), "shard_size": 256},
+        "cache": {"mode": "full", "dir": str(cache_folder(workdir)), "shard_size": 256},
         "optim": {"lr": float(profile.arm_lr), "weight_decay": 0.01, "warmup_steps": int(profile.arm_warmup),
                   "schedule": "cosine"},
         "train": {"batch_size": int(profile.arm_batch), "max_steps": steps, "mixed_precision": "no",
                   "min_snr_gamma": profile.min_snr_gamma, "checkpoint_every": steps, "keep_checkpoints": 1,
                   "log_every": max(1, min(25, steps // 4)), "report_to": "none", "device": "cpu",
-                  "threads": int(os.environ.get("ELLA_BENCH_THREADS", "2"))},
+                  "threads": int(profile.threads)},
         "validation": {"every": int(profile.arm_val_every) or steps, "holdout": int(profile.arm_holdout)},
     }
 
@@ -116,9 +143,6 @@ def train_one(workdir: Path, profile: Any, llm: str, run: ArmRun,
     out.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "arms" / f"{run.name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    for stale in ("metrics.jsonl", "ella.safetensors"):  # a rerun of a changed stage starts the run afresh
-        (out / stale).unlink(missing_ok=True)
-    _remove_checkpoints(out)
     command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path)]
     log_path = out / "train.stdout.log"
     start = time.perf_counter()
@@ -141,15 +165,9 @@ def train_one(workdir: Path, profile: Any, llm: str, run: ArmRun,
             "connector": str(out / "ella.safetensors"), **figures}
 
 
-def _remove_checkpoints(out: Path) -> None:
-    import shutil
-
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", env.get("ELLA_BENCH_THREADS", "2"))
+    env.pop("OMP_NUM_THREADS", None)  # train.threads sets the threads
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -160,13 +178,21 @@ def context_width(workdir: Path) -> int:
     return int(config["cross_attention_dim"])
 
 
-def run(workdir: Path, profile: Any, *, llm: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Trains every arm run; -> figures for done.json (per run: wall time, final and held-out loss, paths)."""
-    width = context_width(workdir)
+def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
+    """Stage 5: trains every arm run in turn; figures per run: wall time, final and held-out loss, paths."""
+    workdir = Path(workdir)
+    stage = workdir / "arms"
+    own = settings(workdir, profile, llm)
+    if (figures := stage_io.cached(stage, own)) is not None:
+        return figures
+    progress = stage_io.Progress("arms")
+    stage_io.start(stage)
+    write_data(workdir, profile)
     runs = {}
     for arm_run in arm_runs(profile):
-        runs[arm_run.name] = train_one(workdir, profile, llm, arm_run, log)
-    return {"context_dim": width, "runs": runs}
+        runs[arm_run.name] = train_one(workdir, profile, llm, arm_run, progress)
+    figures = {"context_dim": context_width(workdir), "runs": runs, "seconds": round(progress.elapsed, 1)}
+    return stage_io.finish(stage, own, figures)
 
 
 def connectors(done: dict[str, Any]) -> dict[str, list[str]]:

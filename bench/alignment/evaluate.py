@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from bench.alignment import generate
+from bench.alignment import generate, stage_io
 
 METRICS = ("binding", "objects_correct", "count_ok", "colour_ok", "shape_ok")
 PAIRS = (("tsc", "base"), ("tsc", "no_time"), ("tsc", "mean_pool"), ("upper", "tsc"))  # (x, y): x - y
 REFERENCE = "render"  # the judge on the renderer's images of the test scenes
 
 
-def settings(profile: Any) -> dict[str, Any]:
-    return {"boot_samples": int(profile.boot_samples)}
+SETTINGS = ("boot_samples",)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -65,7 +64,7 @@ def render_images(workdir: Path, prompts: list[generate.Prompt]) -> np.ndarray:
     """The world's renders of the prompts' scenes as (1, P, 1, H, W, 3) uint8."""
     from PIL import Image
 
-    images = [np.asarray(Image.open(workdir / "world" / p.split / f"{p.index}.png").convert("RGB")) for p in prompts]
+    images = [np.asarray(Image.open(p.image).convert("RGB")) for p in prompts]
     return np.stack(images)[None, :, None]
 
 
@@ -119,10 +118,20 @@ def statistics(scores: dict[str, dict[str, dict[str, np.ndarray]]], draws: int, 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def run(workdir: Path, profile: Any, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Scores every method's images and the renders, writes `<workdir>/evaluate/results.json`; -> figures."""
+def build(workdir: Path, profile: Any) -> dict[str, Any]:
+    """Stage 8a: scores every method's images and the renders; `<workdir>/evaluate/results.json` (and the
+    per-image scores, scores.npz); figures: each method's binding accuracy per split."""
     from bench.alignment import judge as judge_module
 
+    workdir = Path(workdir)
+    stage = workdir / "evaluate"
+    own = {"generate": stage_io.settings_of(workdir / "generate"), "judge": stage_io.settings_of(workdir / "judge"),
+           **profile.settings(*SETTINGS)}
+    if (figures := stage_io.cached(stage, own)) is not None:
+        return figures
+    stage_io.set_threads(profile)
+    progress = stage_io.Progress("evaluate")
+    stage_io.start(stage)
     judge = judge_module.load_judge(workdir)
     prompts = {split: generate.read_prompts(workdir, split, int(profile.gen_prompts)) for split in generate.SPLITS}
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
@@ -135,13 +144,15 @@ def run(workdir: Path, profile: Any, *, log: Callable[[str], None] = print) -> d
     results = statistics(scores, int(profile.boot_samples))
     results["prompts"] = {s: len(p) for s, p in prompts.items()}
     results["metrics"] = list(METRICS)
-    out = workdir / "evaluate"
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "scores.npz", **{f"{m}/{s}/{k}": v for m, per in scores.items()
-                                               for s, ks in per.items() for k, v in ks.items()})
-    _atomic_json(out / "results.json", results)
-    log(f"  scored {sum(v[generate.SPLITS[0]][METRICS[0]].size for v in scores.values()) * 2} images")
-    return {"results": str(out / "results.json")}
+    np.savez_compressed(stage / "scores.npz", **{f"{m}/{s}/{k}": v for m, per in scores.items()
+                                                 for s, ks in per.items() for k, v in ks.items()})
+    _atomic_json(stage / "results.json", results)
+    images = sum(v[s][METRICS[0]].size for v in scores.values() for s in generate.SPLITS)
+    progress(f"scored {images} images")
+    figures = {"results": str(stage / "results.json"), "images": images, "seconds": round(progress.elapsed, 1),
+               "binding": {m: {s: round(results["methods"][m][s]["binding"]["mean"], 4) for s in generate.SPLITS}
+                           for m in scores}}
+    return stage_io.finish(stage, own, figures)
 
 
 def _atomic_json(path: Path, data: Any) -> None:

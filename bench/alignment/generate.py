@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 from bench.alignment import arms as arms_stage
+from bench.alignment import stage_io
 
 METHODS = ("base", "tsc", "no_time", "mean_pool", "upper")
 LABELS = {"base": "(a) base + weak encoder", "tsc": "(b) ELLA TSC", "no_time": "(c) TSC without timestep",
           "mean_pool": "(d) mean-pooled LLM", "upper": "(e) upper bound (UNet + LLM fine-tuned)"}
 SPLITS = ("test_seen", "test_heldout")
+GEN_BATCH = 128  # images sampled together (memory only: the noise of an image does not depend on it)
 
 
-def settings(profile: Any) -> dict[str, Any]:
-    keys = ("gen_prompts", "gen_seeds", "gen_steps", "gen_cfg", "gen_batch")
-    return {k: getattr(profile, k) for k in keys}
+SETTINGS = ("gen_prompts", "gen_seeds", "sample_steps", "guidance")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -46,22 +46,19 @@ def settings(profile: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Prompt:
     split: str
-    index: int  # the image's number in <workdir>/world/<split>/
+    index: int  # the scene's position in <workdir>/world/<split>/scenes.jsonl
     text: str  # its first caption
     scene: Any  # the ground truth (world.Obj tuple)
+    image: Path  # the world's render of the scene
 
 
 def read_prompts(workdir: Path, split: str, limit: int) -> list[Prompt]:
-    """The first `limit` scenes of a split's image folder (captions from <i>.txt, scenes from scenes.jsonl)."""
+    """The first `limit` scenes of a split's image folder with their first captions (the splits are in a
+    seeded random order, so the first ones are a sample)."""
     from bench.alignment import world
 
-    root = workdir / "world" / split
-    scenes = world.read_scenes(root)
-    prompts = []
-    for i, scene in enumerate(scenes[:limit]):
-        text = (root / f"{i}.txt").read_text().splitlines()[0].strip()
-        prompts.append(Prompt(split, i, text, scene))
-    return prompts
+    rows = world.load_scenes(workdir / "world" / split)[:limit]
+    return [Prompt(split, i, captions[0], scene, image) for i, (image, scene, captions) in enumerate(rows)]
 
 
 def noise_seed(split: str, prompt: int, seed: int) -> int:
@@ -211,10 +208,10 @@ def generate_method(conditioner: Conditioner, base: Any, prompts: list[Prompt], 
     noise = initial_noise(prompts, seeds, shape)
     texts = [p.text for p in prompts for _ in range(seeds)]
     chunks = []
-    size = int(profile.gen_batch)
+    size = GEN_BATCH
     for start in range(0, len(texts), size):
         latents = sample(conditioner, base.scheduler.config, noise[start:start + size], texts[start:start + size],
-                         steps=int(profile.gen_steps), guidance=float(profile.gen_cfg))
+                         steps=int(profile.sample_steps), guidance=float(profile.guidance))
         with torch.no_grad():
             chunks.append(to_uint8(base.decode(latents)))
     images = np.concatenate(chunks)
@@ -261,14 +258,21 @@ def conditioners(workdir: Path, profile: Any, llm: str, base: Any) -> dict[str, 
     return {m: out[m] for m in METHODS if m in out}
 
 
-def run(workdir: Path, profile: Any, *, llm: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Generates every method's images for both splits; -> figures (counts, seconds per method)."""
+def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
+    """Stage 6: every method's images for both splits; figures: prompt counts, models and seconds per method."""
     import time
 
-    torch.manual_seed(0)
+    workdir = Path(workdir)
+    stage = workdir / "generate"
+    own = {"upper": stage_io.settings_of(workdir / "upper"), "llm": str(llm), **profile.settings(*SETTINGS)}
+    if (figures := stage_io.cached(stage, own)) is not None:
+        return figures
+    stage_io.set_threads(profile)
+    progress = stage_io.Progress("generate")
+    stage_io.start(stage)
     base = load_frozen_base(workdir)
     prompts = {split: read_prompts(workdir, split, int(profile.gen_prompts)) for split in SPLITS}
-    out_root = workdir / "generate"
+    out_root = stage
     figures: dict[str, Any] = {"prompts": {s: len(p) for s, p in prompts.items()}, "seconds": {}, "models": {}}
     for method, factories in conditioners(workdir, profile, llm, base).items():
         start = time.perf_counter()
@@ -286,9 +290,10 @@ def run(workdir: Path, profile: Any, *, llm: str, log: Callable[[str], None] = p
         seconds = time.perf_counter() - start
         figures["seconds"][method] = round(seconds, 2)
         figures["models"][method] = len(factories)
-        log(f"  generated {method}: {len(factories)} model(s) x {sum(len(p) for p in prompts.values())} prompts x "
+        progress(f"{method}: {len(factories)} model(s) x {sum(len(p) for p in prompts.values())} prompts x "
             f"{profile.gen_seeds} seeds in {seconds:.1f} s")
-    return figures
+    figures["seconds_total"] = round(progress.elapsed, 1)
+    return stage_io.finish(stage, own, figures)
 
 
 def load_images(workdir: Path, method: str, split: str) -> np.ndarray:

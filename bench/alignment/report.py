@@ -8,14 +8,13 @@ figure is computed twice.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
-from bench.alignment import evaluate, generate
+from bench.alignment import evaluate, generate, stage_io
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_IMG = ROOT / "docs" / "img"
@@ -24,8 +23,7 @@ METRIC_NAMES = {"binding": "binding", "objects_correct": "objects", "count_ok": 
 SPLIT_NAMES = {"test_seen": "seen compositions", "test_heldout": "held-out compositions"}
 
 
-def settings(profile: Any) -> dict[str, Any]:
-    return {"grid_prompts": int(profile.grid_prompts)}
+SETTINGS = ("grid_prompts",)
 
 
 def cell(stats: dict[str, Any], percent: bool = True, signed: bool = False) -> str:
@@ -61,12 +59,14 @@ def tables(results: dict[str, Any]) -> str:
 
 
 def stage_table(done: dict[str, dict[str, Any]]) -> str:
-    """Seconds per stage and what each reported, from the stages' done.json."""
+    """Seconds per stage and its scalar figures, from the stages' done.json."""
     lines = ["| stage | seconds | figures |", "| --- | --- | --- |"]
     for stage, record in done.items():
-        figures = {k: v for k, v in (record.get("figures") or {}).items() if isinstance(v, (int, float, str))}
-        text = ", ".join(f"{k} {_short(v)}" for k, v in list(figures.items())[:6])
-        lines.append(f"| {stage} | {record.get('elapsed_s', float('nan')):.0f} | {text} |")
+        figures = {k: v for k, v in (record.get("figures") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}
+        text = ", ".join(f"{k} {_short(v)}" for k, v in figures.items())
+        seconds = (record.get("figures") or {}).get("seconds")
+        lines.append(f"| {stage} | {_short(seconds) if seconds is not None else '-'} | {text} |")
     return "\n".join(lines)
 
 
@@ -117,7 +117,7 @@ def grid(workdir: Path, prompts: list[generate.Prompt], methods: list[str], scal
         y = header_h + r * (caption_h + side + pad)
         tag = "seen" if prompt.split == "test_seen" else "held-out"
         draw.text((pad, y), f"[{tag}] {prompt.text}"[: width // 6], fill="black", font=font)
-        render = Image.open(workdir / "world" / prompt.split / f"{prompt.index}.png").convert("RGB")
+        render = Image.open(prompt.image).convert("RGB")
         # stage 6 generated the first gen_prompts scenes of each split: a prompt's position is its index
         tiles = [np.asarray(render)] + [images[(m, prompt.split)][0, prompt.index, 0] for m in methods]
         for c, tile in enumerate(tiles):
@@ -147,18 +147,22 @@ def markdown(workdir: Path, results: dict[str, Any], done: dict[str, dict[str, A
     return "\n".join(parts)
 
 
-def run(workdir: Path, profile: Any, *, stages: list[str], copy_to_docs: bool,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Writes report.md and the grid; copies the grid into docs/img for a full run (run.py prints the tables)."""
+def build(workdir: Path, profile: Any, stages: list[str], copy_to_docs: bool) -> dict[str, Any]:
+    """Stage 8b: report.md and the grid; the grid is copied into docs/img when `copy_to_docs` (a full run)."""
+    workdir = Path(workdir)
+    stage = workdir / "report"
+    own = {"evaluate": stage_io.settings_of(workdir / "evaluate"), "copy_to_docs": copy_to_docs,
+           **profile.settings(*SETTINGS)}
+    if (figures := stage_io.cached(stage, own)) is not None:
+        return figures
+    stage_io.start(stage)
     results = json.loads((workdir / "evaluate" / "results.json").read_text())
-    done = read_done(workdir, stages)
-    out = workdir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown(workdir, results, done)
+    text = markdown(workdir, results, read_done(workdir, [s for s in stages if s != "report"]))
     (workdir / "report.md").write_text(text)
     methods = [m for m in generate.METHODS if (workdir / "generate" / m).is_dir()]
     picture = grid(workdir, grid_rows(workdir, int(profile.grid_prompts)), methods)
-    picture.save(out / "alignment_grid.png")
+    picture.save(stage / "alignment_grid.png")
     if copy_to_docs:
-        shutil.copyfile(out / "alignment_grid.png", DOCS_IMG / "alignment_grid.png")
-    return {"report": str(workdir / "report.md"), "grid": str(out / "alignment_grid.png")}
+        shutil.copyfile(stage / "alignment_grid.png", DOCS_IMG / "alignment_grid.png")
+    (stage / "report.md").write_text(text)
+    return stage_io.finish(stage, own, {"report": str(workdir / "report.md"), "grid": str(stage / "alignment_grid.png")})

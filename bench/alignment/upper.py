@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from bench.alignment import arms as arms_stage
+from bench.alignment import stage_io
 
 PROJECTION_FILE = "projection.safetensors"
 
 
-def settings(profile: Any) -> dict[str, Any]:
-    keys = ("upper_steps", "upper_batch", "upper_lr", "caption_dropout")
-    return {k: getattr(profile, k) for k in keys}
+SETTINGS = ("upper_steps", "upper_batch", "upper_lr", "caption_dropout")
 
 
 class Projection(nn.Module):
@@ -69,13 +68,22 @@ def cached_training_set(workdir: Path) -> tuple[torch.Tensor, list[list[str]], d
     return torch.stack(latents), captions, features
 
 
-def run(workdir: Path, profile: Any, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tunes the base UNet with the projection; saves both under `<workdir>/upper/`; -> figures."""
+def build(workdir: Path, profile: Any) -> dict[str, Any]:
+    """Stage 7: fine-tunes the base UNet with the projection; saves both under `<workdir>/upper/`."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     from bench.alignment import unet_training
 
+    workdir = Path(workdir)
+    stage = workdir / "upper"
+    own = {"arms": stage_io.settings_of(workdir / "arms"), **profile.settings(*SETTINGS)}
+    if (figures := stage_io.cached(stage, own)) is not None:
+        return figures
+    stage_io.set_threads(profile)
+    torch.manual_seed(profile.seed)
+    progress = stage_io.Progress("upper")
+    stage_io.start(stage)
     latents, captions, features = cached_training_set(workdir)
     unet = UNet2DConditionModel.from_pretrained(str(workdir / "base" / "model" / "unet"), torch_dtype=torch.float32)
     input_dim = next(iter(features.values())).shape[-1]
@@ -88,12 +96,13 @@ def run(workdir: Path, profile: Any, *, log: Callable[[str], None] = print) -> d
                                        batch=int(profile.upper_batch), lr=float(profile.upper_lr), seed=0,
                                        trainable=[*unet.parameters(), *projection.parameters()],
                                        caption_dropout=float(profile.caption_dropout))
-    out = workdir / "upper"
+    out = stage
     unet.save_pretrained(str(out / "unet"))
     save_file({k: v.contiguous() for k, v in projection.state_dict().items()}, str(out / PROJECTION_FILE),
               metadata={"input_dim": str(input_dim), "context_dim": str(unet.config.cross_attention_dim)})
-    log(f"  upper: {len(latents)} samples, {profile.upper_steps} steps")
-    return {"samples": len(latents), **(figures if isinstance(figures, dict) else {})}
+    progress(f"{len(latents)} samples, {profile.upper_steps} steps")
+    return stage_io.finish(stage, own, {"samples": len(latents), "seconds": round(progress.elapsed, 1),
+                                        **(figures if isinstance(figures, dict) else {})})
 
 
 def load_upper(workdir: Path) -> tuple[Any, Projection]:
