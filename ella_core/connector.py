@@ -300,7 +300,7 @@ class ELLA(nn.Module):
         t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
         if t.numel() != projected.shape[0]:
             raise ValueError(f"ELLA: forward_many got {t.numel()} timesteps for {projected.shape[0]} rows")
-        t = self._seen_t(t)
+        t = self._seen_t(t)  # constant t: one time state for every row (time_state would zero each anyway)
         projected = projected.to(device=self.device, dtype=self.dtype)
         text_bias = self._check_bias(text_bias, projected)
         if self.config.num_latents < STACK_MIN_ROWS and projected.shape[0] > 1:

@@ -51,6 +51,9 @@ class ConnectorConfig:
     num_latents: int = 64  # output tokens (the UNet context length)
     time_channel: int = 320  # sinusoidal timestep features
     time_embed_dim: int = 768  # timestep embedding width (modulates the layer norms)
+    # ablations (docs/training.md, "Ablations and evaluation hooks"); they apply to init_from connectors too
+    time_aware: bool = True  # false: the resampler without timestep (t = 0 at every step: one context per prompt)
+    input_pool: Optional[str] = None  # "mean": the LLM tokens averaged into one before the resampler; null: all tokens
 
 
 @dataclass
@@ -139,6 +142,7 @@ class ValidationConfig:
     height: Optional[int] = None  # None: data.resolution
     width: Optional[int] = None  # None: data.resolution
     seed: int = 0  # noise of the images, and the held-out samples' fixed noise and timesteps
+    hooks: list[str] = field(default_factory=list)  # "pkg.module:function" or "file.py:function": evaluation hooks
 
 
 @dataclass
@@ -182,6 +186,7 @@ _CHOICES = {
     "train.backend": ("nccl", "gloo", "mpi", "ucc"),
     "train.report_to": ("tensorboard", "wandb", "none"),
 }
+CONNECTOR_POOLS = ("mean",)  # ella_core.config.INPUT_POOLS without None (not imported: no torch here)
 _POSITIVE = ["train.batch_size", "train.grad_accum", "train.max_steps", "train.checkpoint_every", "train.log_every",
              "data.resolution", "data.bucket_step", "llm.max_length", "cache.shard_size", "cache.open_shards", "connector.layers",
              "connector.heads", "connector.num_latents", "connector.time_channel", "connector.time_embed_dim",
@@ -463,6 +468,9 @@ def problems(config: Config) -> list[str]:
     if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         errors.append("train.report_to=wandb needs the wandb package, which is not installed: pip install wandb "
                       "(or train.report_to=tensorboard / none)")
+    if config.connector.input_pool is not None and config.connector.input_pool not in CONNECTOR_POOLS:
+        errors.append(f"connector.input_pool={config.connector.input_pool!r} is not one of "
+                      f"{['null', *CONNECTOR_POOLS]} (null: every token; mean: the tokens averaged into one)")
     if config.connector.time_channel % 2:
         errors.append(f"connector.time_channel={config.connector.time_channel} must be even (sin and cos halves)")
     for dotted in ("validation.height", "validation.width"):
@@ -482,6 +490,10 @@ def problems(config: Config) -> list[str]:
         errors.append("train.max_epochs alone cannot size a streamed run (its number of samples is only known at "
                       "the end of the first epoch): set train.max_steps")
     errors += _missing_paths(config)
+    if config.validation.hooks:  # imported now, so a bad spec fails before any model loads
+        from .hooks import hook_problems
+
+        errors += hook_problems(config.validation.hooks)
     return errors
 
 

@@ -38,6 +38,7 @@ from .data import (BatchPlan, Data, DataPosition, OnlineDataset, SkipCounter, de
                    image_size, indexable_records, make_buckets, make_loader, nearest_bucket)
 from .distributed import Dist, setup
 from .errors import TrainingError
+from .hooks import call_hooks, due, resolve_hooks
 from .models import EMA, Base, ConnectorStep, build_connector, load_base, load_llm, sdxl_time_ids
 from .optim import clip_and_step, make_optimizer
 from .reporting import open_reporter
@@ -300,6 +301,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
         raise TrainingError(f"the processes chose different checkpoints to resume from: {chosen}; is output_dir "
                             "shared between the nodes?")
 
+    eval_hooks = resolve_hooks(config.validation.hooks)  # imported already by the config check: no surprise later
+
     # models: the frozen base, the data (with the LLM only if there is no cache), the connector
     weight_dtype = MIXED[t.mixed_precision]
     with dist.failing_together("loading the base model"):
@@ -385,6 +388,19 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
         save_checkpoint(ckpt_root, at_step, ella, connector_metadata(config, base, at_step), optimizer,
                         ema.shadow if ema else None, state, dist, t.keep_checkpoints)
 
+    hook_llm: dict[str, Any] = {}  # the LLM a hook's ctx.encode loaded, kept for the next validation
+
+    def evaluate(at_step: int) -> None:
+        """validation.hooks on rank 0 (training/hooks.py); a failing hook fails every rank."""
+        def write(record: dict[str, Any]) -> None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+        with dist.failing_together(f"evaluation hooks at step {at_step}"):
+            call_hooks(eval_hooks, step=at_step, total=total, ella=ella, ema=ema, base=base, data=data,
+                       config=config, dist=dist, out=out, write=write, reporter=reporter, llm_holder=hook_llm)
+        dist.agree("evaluation hooks", at_step)
+
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step",
@@ -448,6 +464,8 @@ def run(config: Config, stop: Optional[Stop] = None) -> Path:
                 save(step)
             if stopping:
                 break
+            if due(eval_hooks, step, total, v.every):  # after the checkpoint: a failing hook loses no training
+                evaluate(step)
     bar.close()
 
     final = out / "ella.safetensors"

@@ -8,7 +8,7 @@ Only the connector has gradients; everything else is frozen, in eval mode, in th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -162,10 +162,20 @@ def encode_texts(encoder: Any, texts: list[str], config: LLMConfig) -> torch.Ten
 
 
 def build_connector(config: ConnectorConfig, input_dim: int, base: Base) -> ELLA:
-    """A new connector for this base and LLM, or `init_from` an existing one (checked to fit both)."""
+    """A new connector for this base and LLM, or `init_from` an existing one (checked to fit both).
+
+    connector.time_aware and connector.input_pool are the run's, also for init_from: they leave the weights
+    as they are, so a file trained with either setting starts a run with the other (with a warning)."""
+    ablations = {"time_aware": config.time_aware, "input_pool": config.input_pool}
     if config.init_from:
         ella = load_ella(config.init_from, dtype=torch.float32)
         c = ella.config
+        changed = [f"connector.{k}={v!r} (the file: {getattr(c, k)!r})" for k, v in ablations.items()
+                   if getattr(c, k) != v]
+        if changed:
+            log.warning("connector.init_from %s was trained with other settings; this run uses %s",
+                        config.init_from, ", ".join(changed))
+            ella = _with_config(ella, replace(c, **ablations))
         problems = []
         if c.input_dim != input_dim:
             problems.append(f"its LLM width is {c.input_dim}, the configured LLM gives {input_dim}")
@@ -179,8 +189,16 @@ def build_connector(config: ConnectorConfig, input_dim: int, base: Base) -> ELLA
     else:
         ella = ELLA(ELLAConfig(input_dim=input_dim, width=base.context_dim, layers=config.layers, heads=config.heads,
                                num_latents=config.num_latents, time_channel=config.time_channel,
-                               time_embed_dim=config.time_embed_dim, pooled_dim=base.pooled_dim))
+                               time_embed_dim=config.time_embed_dim, pooled_dim=base.pooled_dim, **ablations))
     return ella.float().train().requires_grad_(True)
+
+
+def _with_config(ella: ELLA, config: ELLAConfig) -> ELLA:
+    """The same weights in a connector of another (weight-compatible) config; draws no random numbers."""
+    with torch.device("meta"):
+        other = ELLA(config)
+    other.load_state_dict(ella.state_dict(), strict=True, assign=True)
+    return other
 
 
 class ConnectorStep(nn.Module):
