@@ -1,0 +1,71 @@
+"""Every size and step count of the alignment benchmark, per profile; no other module holds a number like these.
+
+`full` is the run the report quotes (world+VAE+judge+base within ~14 min on 2 idle cores), `quick` a few
+minutes, `smoke` checks the plumbing in seconds (its models learn nothing useful).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seed: int = 0
+    threads: int = 2  # torch.set_num_threads: the machine the budget is for
+    # --- stage 1: world
+    image_size: int = 32
+    n_train: int = 4000  # rendered training images (each with `captions_per_image` phrasings)
+    n_test_seen: int = 48  # test scenes of compositions that occur in training
+    n_test_heldout: int = 48  # test scenes holding at least one held-out colour-shape conjunction
+    captions_per_image: int = 3
+    single_object_fraction: float = 0.25  # of training scenes; the rest hold two objects
+    # --- stage 2: VAE (diffusers AutoencoderKL, f=2: 32 px -> 16x16x4)
+    vae_channels: tuple[int, ...] = (16, 32)
+    vae_latent_channels: int = 4
+    vae_steps: int = 1000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_eval_images: int = 256
+    # --- stage 3: judge (one small CNN shared by the slots)
+    judge_steps: int = 600
+    judge_batch: int = 64
+    judge_lr: float = 2e-3
+    judge_width: int = 32
+    judge_vae_fraction: float = 0.3  # of each batch passed through a VAE round trip
+    judge_eval_images: int = 512
+    # --- stage 4: base (UNet2DConditionModel + WeakEncoder, trained jointly from scratch)
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_head_dim: int = 8
+    context_dim: int = 64  # the weak encoder's width = the UNet's cross_attention_dim
+    text_length: int = 24  # the weak encoder's fixed token count (padded)
+    base_steps: int = 1100
+    base_batch: int = 32
+    base_lr: float = 5e-4
+    base_warmup: int = 100
+    base_ema: float = 0.999  # EMA decay of the trained UNet/encoder weights (0 = none)
+    caption_dropout: float = 0.1  # captions replaced by "" so the base supports CFG
+    train_timesteps: int = 1000
+    check_images: int = 48  # samples judged at the end of stage 4 (seen + held-out)
+    sample_steps: int = 25  # DDIM steps for the checks
+    guidance: float = 3.0
+
+    def settings(self, *fields: str) -> dict[str, Any]:
+        """The named fields as a JSON-able dict (what a stage's done.json compares)."""
+        values = asdict(self)
+        return {f: list(values[f]) if isinstance(values[f], tuple) else values[f] for f in fields}
+
+
+FULL = Profile(name="full")
+QUICK = replace(FULL, name="quick", n_train=1500, n_test_seen=32, n_test_heldout=32, vae_steps=300,
+                judge_steps=300, judge_eval_images=256, vae_eval_images=128, base_steps=300, check_images=32,
+                sample_steps=20)
+SMOKE = replace(FULL, name="smoke", n_train=64, n_test_seen=8, n_test_heldout=8, captions_per_image=2,
+                vae_channels=(8, 16), vae_steps=10, vae_batch=8, vae_eval_images=16, judge_steps=10,
+                judge_batch=16, judge_width=8, judge_eval_images=32, unet_channels=(32, 32), base_steps=10,
+                base_batch=8, base_warmup=2, check_images=4, sample_steps=3)
+
+PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
