@@ -3,8 +3,9 @@
 Methods (METHODS): (a) `base`, the frozen UNet with the weak bag-of-words encoder it was trained with;
 (b) `tsc`, (c) `no_time`, (d) `mean_pool`, the connectors of stage 5 in front of the same frozen UNet; (e)
 `upper`, the UNet fine-tuned with a trainable per-token projection of the LLM features (stage 7). Each
-method is a `Conditioner` giving the UNet's context at a step's t for a batch of prompts, and the one sampler
-below (`sample`) is shared, so the methods differ only in their context. ELLA arms call the connector at
+method is a `Conditioner` giving its UNet and, for a batch of prompts, the context (a tensor, or a function of
+the step's t); the benchmark's one sampler (`unet_training.sample`, which the base's own check uses too) is
+shared, so the methods differ only in their UNet and context. ELLA arms call the connector at
 every step's t; their LLM features come from ella_core's encoder exactly as the trainer encoded its captions
 (training.models.load_llm / encode_texts with the arms' LLM settings). The unconditional half of
 classifier-free guidance is each method's encoding of the empty prompt (the trainer's caption dropout, and
@@ -22,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,29 +67,16 @@ def noise_seed(split: str, prompt: int, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"alignment/{split}/{prompt}/{seed}".encode()).digest()[:8], "little") >> 1
 
 
-def initial_noise(prompts: Sequence[Prompt], seeds: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(P * seeds, C, h, w): row p * seeds + s is prompt p's noise for seed s."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(p.split, p.index, s)))
-            for p in prompts for s in range(seeds)]
-    return torch.stack(rows)
-
-
 # ---------------------------------------------------------------------------------------------- methods
 
 
 class Conditioner:
-    """A method's UNet context: `context(rows, t)` -> (R, N, D) for prompt rows, `empty(t)` -> (1, N, D)."""
+    """A method: its UNet, and for a batch of prompts the conditional and unconditional contexts, each a
+    tensor (B or 1, L, D) or a function of the step's t (what unet_training.sample takes)."""
 
     unet: Any
 
-    def prepare(self, texts: list[str]) -> None:
-        """Encodes the prompts of a batch (once, before the steps)."""
-        raise NotImplementedError
-
-    def context(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def empty(self, t: torch.Tensor) -> torch.Tensor:
+    def contexts(self, texts: list[str]) -> tuple[Any, Any]:
         raise NotImplementedError
 
 
@@ -97,18 +85,9 @@ class WeakConditioner(Conditioner):
 
     def __init__(self, unet: Any, encoder: Any) -> None:
         self.unet, self.encoder = unet, encoder
-        with torch.no_grad():
-            self._empty = encoder.encode([""]).float()
 
-    def prepare(self, texts: list[str]) -> None:
-        with torch.no_grad():
-            self._context = self.encoder.encode(list(texts)).float()
-
-    def context(self, t: torch.Tensor) -> torch.Tensor:
-        return self._context
-
-    def empty(self, t: torch.Tensor) -> torch.Tensor:
-        return self._empty
+    def contexts(self, texts: list[str]) -> tuple[Any, Any]:
+        return self.encoder.encode(list(texts)).float(), self.encoder.encode([""]).float()
 
 
 class LLMFeatures:
@@ -135,20 +114,14 @@ class LLMFeatures:
 
 
 class ELLAConditioner(Conditioner):
-    """(b), (c), (d): the connector called at the step's t (a no_time connector ignores it itself)."""
+    """(b), (c), (d): the connector called at every step's t (a time_aware=false connector ignores it itself)."""
 
     def __init__(self, unet: Any, ella: Any, features: LLMFeatures) -> None:
         self.unet, self.ella, self.features = unet, ella, features
-        self._empty_features = features([""])
 
-    def prepare(self, texts: list[str]) -> None:
-        self._features = self.features(texts)
-
-    def context(self, t: torch.Tensor) -> torch.Tensor:
-        return self.ella(self._features, t.float())
-
-    def empty(self, t: torch.Tensor) -> torch.Tensor:
-        return self.ella(self._empty_features, t.float())
+    def contexts(self, texts: list[str]) -> tuple[Any, Any]:
+        cond, empty = self.features(texts), self.features([""])
+        return (lambda t: self.ella(cond, t.float())), (lambda t: self.ella(empty, t.float()))
 
 
 class ProjectionConditioner(Conditioner):
@@ -156,44 +129,13 @@ class ProjectionConditioner(Conditioner):
 
     def __init__(self, unet: Any, projection: torch.nn.Module, features: LLMFeatures) -> None:
         self.unet, self.projection, self.features = unet, projection, features
+
+    def contexts(self, texts: list[str]) -> tuple[Any, Any]:
         with torch.no_grad():
-            self._empty = projection(features([""]))
-
-    def prepare(self, texts: list[str]) -> None:
-        with torch.no_grad():
-            self._context = self.projection(self.features(texts))
-
-    def context(self, t: torch.Tensor) -> torch.Tensor:
-        return self._context
-
-    def empty(self, t: torch.Tensor) -> torch.Tensor:
-        return self._empty
+            return self.projection(self.features(texts)), self.projection(self.features([""]))
 
 
-# ---------------------------------------------------------------------------------------------- sampler
-
-
-@torch.no_grad()
-def sample(conditioner: Conditioner, scheduler_config: Any, noise: torch.Tensor, texts: list[str], *, steps: int,
-           guidance: float) -> torch.Tensor:
-    """DDIM (eta 0) with classifier-free guidance: noise (B, C, h, w), one text per row -> latents (B, C, h, w).
-    The context is asked for at every step's t (constant for methods whose context does not depend on t)."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps)
-    conditioner.prepare(texts)
-    latents = noise * scheduler.init_noise_sigma
-    b = latents.shape[0]
-    unet = conditioner.unet
-    for t in scheduler.timesteps:
-        cond = conditioner.context(t)  # (B, N, D)
-        uncond = conditioner.empty(t).expand(b, -1, -1)
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        out = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
-        out_uncond, out_cond = out.chunk(2)
-        latents = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, latents).prev_sample
-    return latents
+# ---------------------------------------------------------------------------------------------- sampling
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -201,45 +143,34 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def generate_method(conditioner: Conditioner, base: Any, prompts: list[Prompt], profile: Any) -> np.ndarray:
-    """-> (P, seeds, H, W, 3) uint8 images of one model for `prompts`."""
+@torch.no_grad()
+def generate_method(conditioner: Conditioner, vae: Any, scheduler: Any, prompts: list[Prompt], profile: Any
+                    ) -> np.ndarray:
+    """-> (P, seeds, H, W, 3) uint8 images of one model: the benchmark's one sampler (unet_training.sample:
+    DDIM, classifier-free guidance against the method's empty prompt), `profile.sample_steps` steps."""
+    from bench.alignment import unet_training, vae as vae_stage
+
     seeds = int(profile.gen_seeds)
-    shape = (int(base.unet.config.in_channels), *_latent_hw(base, int(profile.image_size)))
-    noise = initial_noise(prompts, seeds, shape)
-    texts = [p.text for p in prompts for _ in range(seeds)]
+    rows = [(p, s) for p in prompts for s in range(seeds)]
     chunks = []
-    size = GEN_BATCH
-    for start in range(0, len(texts), size):
-        latents = sample(conditioner, base.scheduler.config, noise[start:start + size], texts[start:start + size],
-                         steps=int(profile.sample_steps), guidance=float(profile.guidance))
-        with torch.no_grad():
-            chunks.append(to_uint8(base.decode(latents)))
+    for start in range(0, len(rows), GEN_BATCH):
+        batch = rows[start:start + GEN_BATCH]
+        cond, uncond = conditioner.contexts([p.text for p, _ in batch])
+        latents = unet_training.sample(conditioner.unet, scheduler, cond, uncond, int(profile.sample_steps),
+                                       float(profile.guidance), seed=[noise_seed(p.split, p.index, s) for p, s in batch])
+        chunks.append(to_uint8(vae_stage.decode(vae, latents)))
     images = np.concatenate(chunks)
     return images.reshape(len(prompts), seeds, *images.shape[1:])
-
-
-def _latent_hw(base: Any, size: int) -> tuple[int, int]:
-    f = base.latent_scale
-    return size // f, size // f
 
 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def load_frozen_base(workdir: Path) -> Any:
-    """The base of stage 4 as the trainer loads it (training.models.load_base: UNet, VAE, scheduler)."""
-    from training.config import ModelConfig
-    from training.models import load_base
-
-    return load_base(ModelConfig(pretrained=str(workdir / "base" / "model"), base="sd15"), torch.device("cpu"),
-                     torch.float32)
-
-
-def conditioners(workdir: Path, profile: Any, llm: str, base: Any) -> dict[str, list[Callable[[], Conditioner]]]:
+def conditioners(workdir: Path, profile: Any, llm: str, unet: Any, encoder: Any) -> dict[str, list[Callable[[], Conditioner]]]:
     """method -> one factory per model (training seed), so only one model is in memory at a time."""
     from ella_core import load_ella
 
-    from bench.alignment import upper, weak_encoder
+    from bench.alignment import upper
 
     features: list[LLMFeatures] = []
 
@@ -250,9 +181,9 @@ def conditioners(workdir: Path, profile: Any, llm: str, base: Any) -> dict[str, 
 
     arm_done = json.loads((workdir / "arms" / "done.json").read_text())["figures"]
     out: dict[str, list[Callable[[], Conditioner]]] = {
-        "base": [lambda: WeakConditioner(base.unet, weak_encoder.load_weak_encoder(workdir / "base" / "weak_encoder.safetensors"))]}
+        "base": [lambda: WeakConditioner(unet, encoder)]}
     for arm, files in arms_stage.connectors(arm_done).items():
-        out[arm] = [lambda f=f: ELLAConditioner(base.unet, load_ella(f, dtype=torch.float32).eval(), llm_features())
+        out[arm] = [lambda f=f: ELLAConditioner(unet, load_ella(f, dtype=torch.float32).eval(), llm_features())
                     for f in files]
     out["upper"] = [lambda: ProjectionConditioner(*upper.load_upper(workdir), llm_features())]
     return {m: out[m] for m in METHODS if m in out}
@@ -270,17 +201,20 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     stage_io.set_threads(profile)
     progress = stage_io.Progress("generate")
     stage_io.start(stage)
-    base = load_frozen_base(workdir)
+    from bench.alignment import base as base_stage
+
+    unet, vae, scheduler, encoder = base_stage.load_base(workdir)
     prompts = {split: read_prompts(workdir, split, int(profile.gen_prompts)) for split in SPLITS}
     out_root = stage
-    figures: dict[str, Any] = {"prompts": {s: len(p) for s, p in prompts.items()}, "seconds": {}, "models": {}}
-    for method, factories in conditioners(workdir, profile, llm, base).items():
+    figures: dict[str, Any] = {"prompts": {s: len(p) for s, p in prompts.items()}, "seconds_per_method": {},
+                               "models": {}}
+    for method, factories in conditioners(workdir, profile, llm, unet, encoder).items():
         start = time.perf_counter()
         per_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         for factory in factories:
             conditioner = factory()
             for split in SPLITS:
-                per_split[split].append(generate_method(conditioner, base, prompts[split], profile))
+                per_split[split].append(generate_method(conditioner, vae, scheduler, prompts[split], profile))
             del conditioner
         (out_root / method).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
@@ -288,11 +222,11 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
                                 prompts=np.array([p.text for p in prompts[split]]),
                                 indices=np.array([p.index for p in prompts[split]]))
         seconds = time.perf_counter() - start
-        figures["seconds"][method] = round(seconds, 2)
+        figures["seconds_per_method"][method] = round(seconds, 2)
         figures["models"][method] = len(factories)
         progress(f"{method}: {len(factories)} model(s) x {sum(len(p) for p in prompts.values())} prompts x "
             f"{profile.gen_seeds} seeds in {seconds:.1f} s")
-    figures["seconds_total"] = round(progress.elapsed, 1)
+    figures["seconds"] = round(progress.elapsed, 1)
     return stage_io.finish(stage, own, figures)
 
 

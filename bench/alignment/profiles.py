@@ -52,6 +52,33 @@ class Profile:
     check_images: int = 48  # samples judged at the end of stage 4 (seen + held-out)
     sample_steps: int = 25  # DDIM steps for the checks
     guidance: float = 3.0
+    # --- stage 5: arms, one training/train.py run per arm and seed (arms.py)
+    arm_images: int = 1000  # training images the arms train on (the first of world/train)
+    arm_captions: int = 1  # captions kept per image: SmolLM2 encodes each once (0.1-0.7 s each on this CPU)
+    llm_max_length: int = 20  # fixed token length; the world's longest caption is 17 SmolLM2 tokens
+    arm_steps: int = 400
+    arm_batch: int = 32
+    arm_lr: float = 1e-3
+    arm_warmup: int = 20
+    arm_seeds: int = 2  # training seeds of (b) TSC and (c) no-timestep; (d) is trained once
+    arm_layers: int = 2  # connector: Perceiver blocks, heads, output tokens, timestep features / embedding
+    arm_heads: int = 4
+    arm_latents: int = 32
+    arm_time_channel: int = 64
+    arm_time_embed_dim: int = 64
+    min_snr_gamma: float = 5.0  # train.min_snr_gamma of every arm
+    arm_holdout: int = 100  # validation.holdout: samples kept out for the held-out loss
+    arm_val_every: int = 100  # steps between held-out losses (0: at the end only)
+    arm_timeout_s: int = 1500  # one train.py run longer than this is an error
+    # --- stage 7: upper bound, the base UNet fine-tuned with a projection of the LLM features (upper.py)
+    upper_steps: int = 400
+    upper_batch: int = 32
+    upper_lr: float = 2e-4
+    # --- stages 6 and 8: generation, judging, report (generate.py, evaluate.py, report.py)
+    gen_prompts: int = 48  # prompts per test split (at most n_test_seen / n_test_heldout)
+    gen_seeds: int = 4  # noise seeds per prompt
+    boot_samples: int = 2000  # bootstrap resamples of the confidence intervals
+    grid_prompts: int = 6  # rows of the picture grid (half seen, half held out)
 
     def settings(self, *fields: str) -> dict[str, Any]:
         """The named fields as a JSON-able dict (what a stage's done.json compares)."""
@@ -67,5 +94,11 @@ SMOKE = replace(FULL, name="smoke", n_train=64, n_test_seen=8, n_test_heldout=8,
                 vae_channels=(8, 16), vae_steps=10, vae_batch=8, vae_eval_images=16, judge_steps=10,
                 judge_batch=16, judge_width=8, judge_eval_images=32, unet_channels=(32, 32), base_steps=10,
                 base_batch=8, base_warmup=2, check_images=4, sample_steps=3)
+# stages 5-8
+QUICK = replace(QUICK, arm_images=400, arm_steps=150, arm_seeds=1, arm_holdout=40, arm_val_every=50, upper_steps=150,
+                gen_prompts=16, gen_seeds=2, boot_samples=1000)
+SMOKE = replace(SMOKE, arm_images=32, arm_steps=3, arm_batch=4, arm_warmup=1, arm_seeds=1, arm_latents=8, arm_holdout=4,
+                arm_val_every=0, upper_steps=3, upper_batch=4, gen_prompts=4, gen_seeds=2, boot_samples=200,
+                grid_prompts=4)
 
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}

@@ -23,7 +23,7 @@ from bench.alignment import stage_io
 PROJECTION_FILE = "projection.safetensors"
 
 
-SETTINGS = ("upper_steps", "upper_batch", "upper_lr", "caption_dropout")
+SETTINGS = ("upper_steps", "upper_batch", "upper_lr", "caption_dropout", "arm_warmup")
 
 
 class Projection(nn.Module):
@@ -70,7 +70,7 @@ def cached_training_set(workdir: Path) -> tuple[torch.Tensor, list[list[str]], d
 
 def build(workdir: Path, profile: Any) -> dict[str, Any]:
     """Stage 7: fine-tunes the base UNet with the projection; saves both under `<workdir>/upper/`."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import save_file
 
     from bench.alignment import unet_training
@@ -92,10 +92,13 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     def context(texts: list[str]) -> torch.Tensor:
         return projection(torch.stack([features[t] for t in texts]))
 
-    figures = unet_training.train_unet(unet, context, latents, captions, steps=int(profile.upper_steps),
-                                       batch=int(profile.upper_batch), lr=float(profile.upper_lr), seed=0,
-                                       trainable=[*unet.parameters(), *projection.parameters()],
-                                       caption_dropout=float(profile.caption_dropout))
+    scheduler = DDPMScheduler.from_pretrained(str(workdir / "base" / "model" / "scheduler"))
+    unet.requires_grad_(True)
+    figures = unet_training.train_unet(unet, context, latents, captions, int(profile.upper_steps),
+                                       int(profile.upper_batch), float(profile.upper_lr), int(profile.seed),
+                                       [*unet.parameters(), *projection.parameters()], scheduler=scheduler,
+                                       caption_dropout=float(profile.caption_dropout),
+                                       warmup=int(profile.arm_warmup), progress=progress)
     out = stage
     unet.save_pretrained(str(out / "unet"))
     save_file({k: v.contiguous() for k, v in projection.state_dict().items()}, str(out / PROJECTION_FILE),
