@@ -138,11 +138,38 @@ def read_done(workdir: Path, stages: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def judge_table(figures: dict[str, Any]) -> str:
+    """The judge's own accuracy (stage 3) on images whose scenes are known: fresh renders, augmented renders,
+    the test folders' renders and their VAE round trips."""
+    lines = ["| images | binding | slot | count |", "| --- | --- | --- | --- |"]
+    for name, value in figures.items():
+        if isinstance(value, dict) and {"binding", "slot", "count"} <= set(value):
+            lines.append(f"| {name} | {value['binding'] * 100:.1f} | {value['slot'] * 100:.1f} | {value['count'] * 100:.1f} |")
+    return "\n".join(lines)
+
+
+def base_table(figures: dict[str, Any]) -> str:
+    """Stage 4's own check of the base (its sampler, a few prompts per split) and the binding-blindness proof."""
+    lines = ["| split | " + " | ".join(METRIC_NAMES[m] for m in evaluate.METRICS) + " |",
+             "| --- |" + " --- |" * len(evaluate.METRICS)]
+    for split in generate.SPLITS:
+        if isinstance(figures.get(split), dict):
+            row = figures[split]
+            lines.append(f"| {split} | " + " | ".join(f"{row[m] * (50 if m == 'objects_correct' else 100):.1f}"
+                                                       for m in evaluate.METRICS) + " |")
+    if "swapped_caption_max_abs_diff" in figures:
+        lines.append("")
+        lines.append(f"Largest difference of the base UNet's output between a caption and its binding-swapped twin: "
+                     f"{figures['swapped_caption_max_abs_diff']:.3g} (a bag of words cannot tell them apart).")
+    return "\n".join(lines)
+
+
 def markdown(workdir: Path, results: dict[str, Any], done: dict[str, dict[str, Any]]) -> str:
-    judge_figures = (done.get("judge") or {}).get("figures", {})
-    parts = ["# Alignment benchmark", "", tables(results), "## Arms (training/train.py runs)", "",
-             arms_table((done.get("arms") or {}).get("figures", {})), "",
-             "## Judge (stage 3, frozen)", "", "```", json.dumps(judge_figures, indent=1)[:2000], "```", "",
+    figures = {stage: (record.get("figures") or {}) for stage, record in done.items()}
+    parts = ["# Alignment benchmark", "", tables(results),
+             "## Arms (training/train.py runs)", "", arms_table(figures.get("arms", {})), "",
+             "## Judge (stage 3, frozen before any method ran): accuracy %", "", judge_table(figures.get("judge", {})), "",
+             "## Base (stage 4) checked by its own stage: %", "", base_table(figures.get("base", {})), "",
              "## Stages", "", stage_table(done), ""]
     return "\n".join(parts)
 
