@@ -29,10 +29,10 @@ class SlotNet(nn.Module):
     def __init__(self, *, width: int) -> None:
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1, stride=2), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in ((3, w, 1), (w, w, 2), (w, 2 * w, 1), (2 * w, 2 * w, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())  # BatchNorm: 10x fewer steps
         self.head = nn.Linear(2 * w, 1 + len(COLOUR_NAMES) + len(world.SHAPES))
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

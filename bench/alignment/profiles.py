@@ -33,7 +33,7 @@ class Profile:
     # --- stage 3: judge (one small CNN shared by the slots)
     judge_steps: int = 600
     judge_batch: int = 64
-    judge_lr: float = 2e-3
+    judge_lr: float = 3e-3
     judge_width: int = 32
     judge_vae_fraction: float = 0.3  # of each batch passed through a VAE round trip
     judge_eval_images: int = 512

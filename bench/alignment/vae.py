@@ -74,8 +74,8 @@ def train_vae(vae: Any, images: torch.Tensor, profile: Any, progress: Any) -> li
         opt.step()
         sched.step()
         if (step + 1) % log_every == 0 or step == 0:
-            losses.append(float(loss))
-            progress(f"step {step + 1}/{profile.vae_steps} loss {float(loss):.5f}")
+            losses.append(loss.item())
+            progress(f"step {step + 1}/{profile.vae_steps} loss {losses[-1]:.5f}")
     return losses
 
 
