@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import yaml
 
 from bench.alignment import stage_io
@@ -111,7 +112,7 @@ def trainer_config(workdir: Path, profile: Any, llm: str, run: ArmRun) -> dict[s
         "train": {"batch_size": int(profile.arm_batch), "max_steps": steps, "mixed_precision": "no",
                   "min_snr_gamma": profile.min_snr_gamma, "checkpoint_every": steps, "keep_checkpoints": 1,
                   "log_every": max(1, min(25, steps // 4)), "report_to": "none", "device": "cpu",
-                  "threads": int(profile.threads)},
+                  "threads": torch.get_num_threads()},  # stage_io.set_threads' choice
         "validation": {"every": int(profile.arm_val_every) or steps, "holdout": int(profile.arm_holdout)},
     }
 
@@ -185,6 +186,7 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     own = settings(workdir, profile, llm)
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
+    stage_io.set_threads(profile)
     progress = stage_io.Progress("arms")
     stage_io.start(stage)
     write_data(workdir, profile)

@@ -87,8 +87,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"default {DEFAULT_WORKDIR}")
     parser.add_argument("--force", metavar="STAGE", help=f"redo STAGE and the ones after it ({', '.join(STAGE_NAMES)})")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of every stage and trainer run (default: the profile's, 2); on a machine "
-                             "shared with other jobs 1 can be several times faster than 2")
+                        help="CPU threads of every stage and trainer run (sets ALIGNMENT_THREADS; default: the profile's, 2); "
+                             "on a machine shared with other jobs 1 can be several times faster than 2")
     parser.add_argument("--llm", default=None, help="the LLM: SmolLM2 GGUF (default: $ELLA_SMOLLM2_GGUF, else setup_env.sh's path) or any "
                         "ella_core.load_text_encoder source (the smoke test passes a tiny T5)")
     args = parser.parse_args(argv)
@@ -104,10 +104,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bench.alignment import report, stage_io
 
     profile = PROFILES[args.profile]
-    if args.threads is not None:  # not a setting of any stage: the results do not depend on it
-        from dataclasses import replace
-
-        profile = replace(profile, threads=args.threads)
+    if args.threads is not None:  # stage_io.set_threads' override; no stage's setting: results do not depend on it
+        os.environ["ALIGNMENT_THREADS"] = str(args.threads)
     stage_io.set_threads(profile)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
