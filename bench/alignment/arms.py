@@ -65,10 +65,15 @@ def settings(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     return {"base": stage_io.settings_of(workdir / "base"), "llm": str(llm), **profile.settings(*SETTINGS)}
 
 
-def cache_folder(workdir: Path) -> Path:
-    """The arms' feature cache: outside the stage folder, so a rerun with other arm settings reuses what the
-    trainer encoded (its settings hash names the subfolder, so changed LLM settings never read stale features)."""
-    return workdir / "cache"
+def cache_folder(workdir: Path, profile: Any) -> Path:
+    """The arms' feature cache, outside the stage folder, so a rerun with other training settings reuses what
+    the trainer encoded. The trainer's settings hash (its subfolder) covers the LLM settings but sees the data
+    and the base only by path: the digest here covers what those paths hold (the world and VAE settings, the
+    images and captions the arms keep), so a changed world, VAE or data subset never reads stale latents."""
+    import hashlib
+
+    what = {"vae": stage_io.settings_of(workdir / "vae"), **profile.settings("arm_images", "arm_captions")}
+    return workdir / "cache" / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def write_data(workdir: Path, profile: Any) -> Path:
@@ -106,7 +111,7 @@ def trainer_config(workdir: Path, profile: Any, llm: str, run: ArmRun) -> dict[s
         "data": {"path": str(workdir / "arms" / "data"), "caption_rule": "random",
                  "caption_dropout": float(profile.caption_dropout), "resolution": size, "buckets": False,
                  "bucket_step": _bucket_step(size), "num_workers": 0},
-        "cache": {"mode": "full", "dir": str(cache_folder(workdir)), "shard_size": 256},
+        "cache": {"mode": "full", "dir": str(cache_folder(workdir, profile)), "shard_size": 256},
         "optim": {"lr": float(profile.arm_lr), "weight_decay": 0.01, "warmup_steps": int(profile.arm_warmup),
                   "schedule": "cosine"},
         "train": {"batch_size": int(profile.arm_batch), "max_steps": steps, "mixed_precision": "no",

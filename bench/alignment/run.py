@@ -81,6 +81,27 @@ def run_all(workdir: Path, profile: Any, profile_name: str, llm: str, force: Opt
     return rows
 
 
+def with_overrides(profile: Any, pairs: list[str], parser: argparse.ArgumentParser) -> Any:
+    """The profile with `FIELD=VALUE` overrides, each value parsed as the field's default's type."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(profile)}
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in fields or name == "name":
+            parser.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(set(fields) - {'name'}))}")
+        current = getattr(profile, name)
+        try:
+            value: Any = (tuple(int(v) for v in text.split(",")) if isinstance(current, tuple)
+                          else text.lower() in ("1", "true", "yes") if isinstance(current, bool)
+                          else type(current)(text))
+        except ValueError:
+            parser.error(f"--set {pair}: {text!r} is not a {type(current).__name__} (the field's default is {current!r})")
+        changes[name] = value
+    return dataclasses.replace(profile, **changes) if changes else profile
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", help="full | quick | smoke (bench/alignment/profiles.py)")
@@ -89,6 +110,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of every stage and trainer run (sets ALIGNMENT_THREADS; default: the profile's, 2); "
                              "on a machine shared with other jobs 1 can be several times faster than 2")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a profile field for this run (a variant, e.g. --set base_steps=900); the "
+                             "stages that use the field and every later one run again")
     parser.add_argument("--llm", default=None, help="the LLM: SmolLM2 GGUF (default: $ELLA_SMOLLM2_GGUF, else setup_env.sh's path) or any "
                         "ella_core.load_text_encoder source (the smoke test passes a tiny T5)")
     args = parser.parse_args(argv)
@@ -103,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "(eval \"$(bash scripts/setup_env.sh)\" downloads SmolLM2 and sets it)")
     from bench.alignment import report, stage_io
 
-    profile = PROFILES[args.profile]
+    profile = with_overrides(PROFILES[args.profile], args.set, parser)
     if args.threads is not None:  # stage_io.set_threads' override; no stage's setting: results do not depend on it
         os.environ["ALIGNMENT_THREADS"] = str(args.threads)
     stage_io.set_threads(profile)
