@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -207,13 +207,6 @@ def connectors(done: dict[str, Any]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for record in done["runs"].values():
         out.setdefault(record["arm"], []).append(record["connector"])
-    return out
-
-
-def heldout_losses(done: dict[str, Any]) -> dict[str, list[Optional[float]]]:
-    out: dict[str, list[Optional[float]]] = {}
-    for record in done["runs"].values():
-        out.setdefault(record["arm"], []).append(record["heldout_loss"])
     return out
 
 

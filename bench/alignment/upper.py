@@ -10,7 +10,6 @@ steps (about the arms' budget). Unlike the arms, the UNet's weights change here:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
