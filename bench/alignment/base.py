@@ -51,6 +51,20 @@ def load_base(workdir: Path) -> tuple[Any, Any, Any, WeakEncoder]:
     return unet, vae, scheduler, WeakEncoder.load(root / "weak_encoder.safetensors")
 
 
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """(N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row (the prompts are in the split's scenes.jsonl)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.zeros(3, rows * (h + 2), columns * (w + 2))
+    for i, x in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).save(path)
+
+
 def check(workdir: Path, profile: Any, unet: Any, vae: Any, scheduler: Any, encoder: WeakEncoder) -> dict[str, Any]:
     """The judge on a few base samples per test split (the drawing check: objects, colours, shapes), and the
     proof that the base cannot bind: a caption and its binding-swapped twin give the same UNet output."""
@@ -63,7 +77,9 @@ def check(workdir: Path, profile: Any, unet: Any, vae: Any, scheduler: Any, enco
         captions = [c[0] for _, _, c in rows]
         latents = unet_training.sample(unet, scheduler, encoder.encode(captions), uncond, profile.sample_steps,
                                        profile.guidance, seed=[profile.seed * 1000 + i for i in range(len(rows))])
-        scores = [judge_stage.score(p, sc) for p, (_, sc, _) in zip(judge.predict(vae_stage.decode(vae, latents)), rows)]
+        images = vae_stage.decode(vae, latents)
+        save_grid(images, Path(workdir) / "base" / f"samples_{split}.png")
+        scores = [judge_stage.score(p, sc) for p, (_, sc, _) in zip(judge.predict(images), rows)]
         figures[split] = {k: sum(float(s[k]) for s in scores) / len(scores)
                           for k in ("binding", "objects_correct", "count_ok", "colour_ok", "shape_ok")}
     a, b = "a red circle on the left and a blue square on the right", "a blue circle on the left and a red square on the right"
