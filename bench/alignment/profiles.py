@@ -42,11 +42,11 @@ class Profile:
     unet_head_dim: int = 8
     context_dim: int = 64  # the weak encoder's width = the UNet's cross_attention_dim
     text_length: int = 24  # the weak encoder's fixed token count (padded)
-    base_steps: int = 1100
-    base_batch: int = 32
-    base_lr: float = 5e-4
+    base_steps: int = 1800
+    base_batch: int = 16
+    base_lr: float = 2e-3
     base_warmup: int = 100
-    base_ema: float = 0.999  # EMA decay of the trained UNet/encoder weights (0 = none)
+    base_ema: float = 0.995  # EMA decay of the trained UNet/encoder weights (0 = none)
     caption_dropout: float = 0.1  # captions replaced by "" so the base supports CFG
     train_timesteps: int = 1000
     check_images: int = 48  # samples judged at the end of stage 4 (seen + held-out)
@@ -61,11 +61,11 @@ class Profile:
 
 FULL = Profile(name="full")
 QUICK = replace(FULL, name="quick", n_train=1500, n_test_seen=32, n_test_heldout=32, vae_steps=300,
-                judge_steps=300, judge_eval_images=256, vae_eval_images=128, base_steps=300, check_images=32,
+                judge_steps=300, judge_eval_images=256, vae_eval_images=128, base_steps=500, check_images=32,
                 sample_steps=20)
 SMOKE = replace(FULL, name="smoke", n_train=64, n_test_seen=8, n_test_heldout=8, captions_per_image=2,
                 vae_channels=(8, 16), vae_steps=10, vae_batch=8, vae_eval_images=16, judge_steps=10,
                 judge_batch=16, judge_width=8, judge_eval_images=32, unet_channels=(32, 32), base_steps=10,
-                base_batch=8, base_warmup=2, check_images=4, sample_steps=3)
+                base_batch=4, base_warmup=2, check_images=4, sample_steps=3)
 
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
