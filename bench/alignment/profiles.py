@@ -25,13 +25,13 @@ class Profile:
     # --- stage 2: VAE (diffusers AutoencoderKL, f=2: 32 px -> 16x16x4)
     vae_channels: tuple[int, ...] = (16, 32)
     vae_latent_channels: int = 4
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_eval_images: int = 256
     # --- stage 3: judge (one small CNN shared by the slots)
-    judge_steps: int = 600
+    judge_steps: int = 500
     judge_batch: int = 64
     judge_lr: float = 3e-3
     judge_width: int = 32
@@ -42,7 +42,7 @@ class Profile:
     unet_head_dim: int = 8
     context_dim: int = 64  # the weak encoder's width = the UNet's cross_attention_dim
     text_length: int = 24  # the weak encoder's fixed token count (padded)
-    base_steps: int = 1800
+    base_steps: int = 1600
     base_batch: int = 16
     base_lr: float = 2e-3
     base_warmup: int = 100
