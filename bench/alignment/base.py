@@ -24,7 +24,8 @@ from bench.alignment import stage_io, unet_training, vae as vae_stage, world  # 
 from bench.alignment.weak_encoder import WeakEncoder, world_vocabulary  # noqa: E402
 
 SETTINGS = ("unet_channels", "unet_head_dim", "context_dim", "text_length", "base_steps", "base_batch", "base_lr",
-            "base_warmup", "base_ema", "caption_dropout", "train_timesteps", "check_images", "sample_steps", "guidance")
+            "base_warmup", "base_ema", "base_min_snr_gamma", "caption_dropout", "train_timesteps", "check_images",
+            "sample_steps", "guidance")
 build_vae = vae_stage.build
 
 
@@ -116,7 +117,8 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     figures = unet_training.train_unet(
         unet, encoder, latents, [c for _, _, c in rows], profile.base_steps, profile.base_batch, profile.base_lr,
         profile.seed, [*unet.parameters(), *encoder.parameters()], scheduler=scheduler,
-        caption_dropout=profile.caption_dropout, warmup=profile.base_warmup, ema=profile.base_ema, progress=progress)
+        caption_dropout=profile.caption_dropout, warmup=profile.base_warmup, ema=profile.base_ema,
+        min_snr_gamma=profile.base_min_snr_gamma, progress=progress)
     unet.eval().requires_grad_(False)
     encoder.eval().requires_grad_(False)
     model = stage / "model"

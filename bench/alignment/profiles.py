@@ -47,6 +47,7 @@ class Profile:
     base_lr: float = 2e-3
     base_warmup: int = 100
     base_ema: float = 0.995  # EMA decay of the trained UNet/encoder weights (0 = none)
+    base_min_snr_gamma: float = 0.0  # min-SNR loss weighting of the base (0 = plain epsilon MSE)
     caption_dropout: float = 0.1  # captions replaced by "" so the base supports CFG
     train_timesteps: int = 1000
     check_images: int = 48  # samples judged at the end of stage 4 (seen + held-out)
