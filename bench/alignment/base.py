@@ -89,7 +89,20 @@ def check(workdir: Path, profile: Any, unet: Any, vae: Any, scheduler: Any, enco
     with torch.no_grad():
         out = [unet(x, torch.tensor([500]), encoder_hidden_states=encoder.encode([c])).sample for c in (a, b)]
     figures["swapped_caption_max_abs_diff"] = float((out[0] - out[1]).abs().max())
+    figures["text_effect"] = text_effect(unet, encoder, [c for _, _, cs in rows for c in cs[:1]], profile.seed)
     return figures
+
+
+@torch.no_grad()
+def text_effect(unet: Any, encoder: WeakEncoder, captions: list[str], seed: int, t: int = 500) -> float:
+    """mean |eps(caption) - eps("")| / mean |eps("")| on noise at timestep t: how much the prompt moves the
+    prediction at all (near 0: the UNet ignores its context, and every prompt draws the same picture)."""
+    x = torch.randn(len(captions), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                    generator=torch.Generator().manual_seed(seed))
+    ts = torch.full((len(captions),), t)
+    cond = unet(x, ts, encoder_hidden_states=encoder.encode(captions)).sample
+    uncond = unet(x, ts, encoder_hidden_states=encoder.encode([""]).expand(len(captions), -1, -1)).sample
+    return float((cond - uncond).abs().mean() / uncond.abs().mean())
 
 
 def build(workdir: Path, profile: Any) -> dict[str, Any]:
