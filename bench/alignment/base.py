@@ -24,7 +24,8 @@ from bench.alignment import stage_io, unet_training, vae as vae_stage, world  # 
 from bench.alignment.weak_encoder import WeakEncoder, world_vocabulary  # noqa: E402
 
 SETTINGS = ("unet_channels", "unet_head_dim", "context_dim", "text_length", "base_steps", "base_batch", "base_lr",
-            "base_warmup", "base_ema", "caption_dropout", "train_timesteps", "check_images", "sample_steps", "guidance")
+            "base_warmup", "base_ema", "base_min_snr_gamma", "caption_dropout", "train_timesteps", "check_images",
+            "sample_steps", "guidance")
 build_vae = vae_stage.build
 
 
@@ -51,6 +52,20 @@ def load_base(workdir: Path) -> tuple[Any, Any, Any, WeakEncoder]:
     return unet, vae, scheduler, WeakEncoder.load(root / "weak_encoder.safetensors")
 
 
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """(N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row (the prompts are in the split's scenes.jsonl)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.zeros(3, rows * (h + 2), columns * (w + 2))
+    for i, x in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).save(path)
+
+
 def check(workdir: Path, profile: Any, unet: Any, vae: Any, scheduler: Any, encoder: WeakEncoder) -> dict[str, Any]:
     """The judge on a few base samples per test split (the drawing check: objects, colours, shapes), and the
     proof that the base cannot bind: a caption and its binding-swapped twin give the same UNet output."""
@@ -63,7 +78,9 @@ def check(workdir: Path, profile: Any, unet: Any, vae: Any, scheduler: Any, enco
         captions = [c[0] for _, _, c in rows]
         latents = unet_training.sample(unet, scheduler, encoder.encode(captions), uncond, profile.sample_steps,
                                        profile.guidance, seed=[profile.seed * 1000 + i for i in range(len(rows))])
-        scores = [judge_stage.score(p, sc) for p, (_, sc, _) in zip(judge.predict(vae_stage.decode(vae, latents)), rows)]
+        images = vae_stage.decode(vae, latents)
+        save_grid(images, Path(workdir) / "base" / f"samples_{split}.png")
+        scores = [judge_stage.score(p, sc) for p, (_, sc, _) in zip(judge.predict(images), rows)]
         figures[split] = {k: sum(float(s[k]) for s in scores) / len(scores)
                           for k in ("binding", "objects_correct", "count_ok", "colour_ok", "shape_ok")}
     a, b = "a red circle on the left and a blue square on the right", "a blue circle on the left and a red square on the right"
@@ -72,7 +89,20 @@ def check(workdir: Path, profile: Any, unet: Any, vae: Any, scheduler: Any, enco
     with torch.no_grad():
         out = [unet(x, torch.tensor([500]), encoder_hidden_states=encoder.encode([c])).sample for c in (a, b)]
     figures["swapped_caption_max_abs_diff"] = float((out[0] - out[1]).abs().max())
+    figures["text_effect"] = text_effect(unet, encoder, [c for _, _, cs in rows for c in cs[:1]], profile.seed)
     return figures
+
+
+@torch.no_grad()
+def text_effect(unet: Any, encoder: WeakEncoder, captions: list[str], seed: int, t: int = 500) -> float:
+    """mean |eps(caption) - eps("")| / mean |eps("")| on noise at timestep t: how much the prompt moves the
+    prediction at all (near 0: the UNet ignores its context, and every prompt draws the same picture)."""
+    x = torch.randn(len(captions), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                    generator=torch.Generator().manual_seed(seed))
+    ts = torch.full((len(captions),), t)
+    cond = unet(x, ts, encoder_hidden_states=encoder.encode(captions)).sample
+    uncond = unet(x, ts, encoder_hidden_states=encoder.encode([""]).expand(len(captions), -1, -1)).sample
+    return float((cond - uncond).abs().mean() / uncond.abs().mean())
 
 
 def build(workdir: Path, profile: Any) -> dict[str, Any]:
@@ -100,7 +130,8 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     figures = unet_training.train_unet(
         unet, encoder, latents, [c for _, _, c in rows], profile.base_steps, profile.base_batch, profile.base_lr,
         profile.seed, [*unet.parameters(), *encoder.parameters()], scheduler=scheduler,
-        caption_dropout=profile.caption_dropout, warmup=profile.base_warmup, ema=profile.base_ema, progress=progress)
+        caption_dropout=profile.caption_dropout, warmup=profile.base_warmup, ema=profile.base_ema,
+        min_snr_gamma=profile.base_min_snr_gamma, progress=progress)
     unet.eval().requires_grad_(False)
     encoder.eval().requires_grad_(False)
     model = stage / "model"

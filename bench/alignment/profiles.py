@@ -25,13 +25,13 @@ class Profile:
     # --- stage 2: VAE (diffusers AutoencoderKL, f=2: 32 px -> 16x16x4)
     vae_channels: tuple[int, ...] = (16, 32)
     vae_latent_channels: int = 4
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_eval_images: int = 256
     # --- stage 3: judge (one small CNN shared by the slots)
-    judge_steps: int = 600
+    judge_steps: int = 500
     judge_batch: int = 64
     judge_lr: float = 3e-3
     judge_width: int = 32
@@ -42,11 +42,12 @@ class Profile:
     unet_head_dim: int = 8
     context_dim: int = 64  # the weak encoder's width = the UNet's cross_attention_dim
     text_length: int = 24  # the weak encoder's fixed token count (padded)
-    base_steps: int = 1100
-    base_batch: int = 32
-    base_lr: float = 5e-4
+    base_steps: int = 1600
+    base_batch: int = 16
+    base_lr: float = 2e-3
     base_warmup: int = 100
-    base_ema: float = 0.999  # EMA decay of the trained UNet/encoder weights (0 = none)
+    base_ema: float = 0.995  # EMA decay of the trained UNet/encoder weights (0 = none)
+    base_min_snr_gamma: float = 0.0  # min-SNR loss weighting of the base (0 = plain epsilon MSE)
     caption_dropout: float = 0.1  # captions replaced by "" so the base supports CFG
     train_timesteps: int = 1000
     check_images: int = 48  # samples judged at the end of stage 4 (seen + held-out)
@@ -88,12 +89,12 @@ class Profile:
 
 FULL = Profile(name="full")
 QUICK = replace(FULL, name="quick", n_train=1500, n_test_seen=32, n_test_heldout=32, vae_steps=300,
-                judge_steps=300, judge_eval_images=256, vae_eval_images=128, base_steps=300, check_images=32,
+                judge_steps=300, judge_eval_images=256, vae_eval_images=128, base_steps=500, check_images=32,
                 sample_steps=20)
 SMOKE = replace(FULL, name="smoke", n_train=64, n_test_seen=8, n_test_heldout=8, captions_per_image=2,
                 vae_channels=(8, 16), vae_steps=10, vae_batch=8, vae_eval_images=16, judge_steps=10,
                 judge_batch=16, judge_width=8, judge_eval_images=32, unet_channels=(32, 32), base_steps=10,
-                base_batch=8, base_warmup=2, check_images=4, sample_steps=3)
+                base_batch=4, base_warmup=2, check_images=4, sample_steps=3)
 # stages 5-8
 QUICK = replace(QUICK, arm_images=400, arm_steps=150, arm_seeds=1, arm_holdout=40, arm_val_every=50, upper_steps=150,
                 gen_prompts=16, gen_seeds=2, boot_samples=1000)

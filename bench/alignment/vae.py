@@ -1,5 +1,6 @@
 """Stage 2, the VAE: a tiny diffusers `AutoencoderKL` (f=2: 32 px -> 16x16x4 latents) trained on the world's
-training renders, its `scaling_factor` set so the scaled latents have unit std (as SD's 0.18215 does)."""
+training renders, its `shift_factor` and `scaling_factor` set so the scaled latents have zero mean and unit
+std (training/models.py applies both, as diffusers does for SD3/Flux VAEs)."""
 
 from __future__ import annotations
 
@@ -42,14 +43,18 @@ def folder_images(folder: Path) -> torch.Tensor:
 def encode(vae: Any, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> scaled latents (N, C, H/f, W/f): the posterior's mode (deterministic)."""
     out = [vae.encode(x * 2 - 1).latent_dist.mode() for x in images.split(batch)]
-    return torch.cat(out) * vae.config.scaling_factor
+    return (torch.cat(out) - _shift(vae)) * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode(vae: Any, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Scaled latents -> images (N, 3, H, W) in [0, 1]."""
-    out = [vae.decode(z / vae.config.scaling_factor).sample for z in latents.split(batch)]
+    out = [vae.decode(z / vae.config.scaling_factor + _shift(vae)).sample for z in latents.split(batch)]
     return (torch.cat(out).float() / 2 + 0.5).clamp(0, 1)
+
+
+def _shift(vae: Any) -> float:
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def round_trip(vae: Any, images: torch.Tensor) -> torch.Tensor:
@@ -104,9 +109,9 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         raw = torch.cat([vae.encode(x * 2 - 1).latent_dist.mode() for x in train[: profile.vae_eval_images * 4].split(256)])
-        vae.register_to_config(scaling_factor=float(1 / raw.std()))
+        vae.register_to_config(shift_factor=float(raw.mean()), scaling_factor=float(1 / raw.std()))
         figures = {"steps": profile.vae_steps, "final_loss": losses[-1], "latent_shape": list(raw.shape[1:]),
-                   "scaling_factor": vae.config.scaling_factor, "latent_mean": float(raw.mean())}
+                   "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}
         n = profile.vae_eval_images
         for name, images in (("train", train[:n]), ("test", test[:n])):
             figures[f"recon_mse_{name}"] = float(F.mse_loss(round_trip(vae, images), images))
