@@ -17,7 +17,7 @@ BASE_CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
 SDXL_POOLED_DIM = 1280
 INPUT_POOLS = (None, "mean")  # ELLAConfig.input_pool: None keeps every token; "mean" pools them into one
 # Fields added after the first release, with their defaults: left out of the saved config at these values, so
-# a default connector's file is byte-identical to one written before they existed.
+# a default connector's file is the one written before they existed (same metadata, same tensor bytes).
 LATER_FIELDS = {"time_aware": True, "input_pool": None}
 
 

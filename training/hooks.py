@@ -93,12 +93,12 @@ class EvalContext:
         negative the empty prompt."""
         from .sampling import sample
 
-        v = self.config.validation
+        v, size = self.config.validation, self.config.data.resolution
         return sample(self.base, self.connector, list(prompt_features),
-                      self.empty_features if negative is None else negative,
-                      steps=steps or v.steps, guidance_scale=v.guidance_scale if guidance_scale is None else guidance_scale,
-                      height=height or v.height or self.config.data.resolution,
-                      width=width or v.width or self.config.data.resolution, seed=v.seed if seed is None else seed)
+                      self.empty_features if negative is None else negative, steps=steps or v.steps,
+                      guidance_scale=v.guidance_scale if guidance_scale is None else guidance_scale,
+                      height=height or v.height or size, width=width or v.width or size,
+                      seed=v.seed if seed is None else seed)
 
 
 # ---------------------------------------------------------------- resolving specs
@@ -204,7 +204,8 @@ def call_hooks(hooks: Sequence[Hook], *, step: int, total: int, ella: "ELLA", em
                llm_holder: Optional[dict] = None) -> list[dict]:
     """Rank 0 calls every hook (the other ranks return at once) and logs what each returns (None: nothing):
     `write` gets the metrics.jsonl record {"step", "hook", metric: value, ...}, the reporter
-    eval/<hook>/<metric>. Returns the records. The training connector's mode is restored afterwards; its weights are never replaced."""
+    eval/<hook>/<metric>. Returns the records. The training connector's mode is restored afterwards; its
+    weights are never replaced."""
     if not dist.is_main or not hooks:
         return []
     import torch

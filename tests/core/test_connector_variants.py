@@ -255,5 +255,6 @@ def test_unknown_pool_in_a_file_names_key_field_and_values(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(dict(model.state_dict()), str(path), metadata={"ella_config": json.dumps(config)})
     for read in (load_ella, read_ella_metadata):
-        with pytest.raises(ELLACheckpointError, match=r"ella_config.*input_pool must be one of \[None, 'mean'\].*'max'"):
+        with pytest.raises(ELLACheckpointError, match=r"ella_config.*input_pool must be one of \[None, 'mean'\]"
+                                                      r".*'max'"):
             read(path)
