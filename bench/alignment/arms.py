@@ -1,0 +1,218 @@
+"""Stage 5 `arms`: the ELLA connectors, trained by the project's own trainer (`training/train.py`, its YAML
+config and CLI) against the frozen base UNet of stage 4.
+
+Three arms, each a real trainer option and nothing else different:
+  tsc        (b) the Timestep-Aware Semantic Connector as released (its AdaLN reads t);
+  no_time    (c) `connector.time_aware: false`: the same resampler always at t = 0, one context for every step;
+  mean_pool  (d) `connector.input_pool: mean`: the LLM features averaged into one token before the resampler.
+The arms share one feature cache (`<workdir>/cache`: same data, same LLM settings, so the trainer's
+settings hash is the same and SmolLM2 encodes the captions once). With `profile.arm_seeds > 1` the arms the
+paper's claim is about, (b) and (c), are trained with that many training seeds, so the confidence intervals of
+stage 8 include training-seed variance. The runs go one after the other (the machine has two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from bench.alignment import stage_io
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = ROOT / "training" / "train.py"
+
+# arm -> the connector keys that make it (everything else in the config is shared)
+ARMS: dict[str, dict[str, Any]] = {
+    "tsc": {},
+    "no_time": {"time_aware": False},
+    "mean_pool": {"input_pool": "mean"},
+}
+SEEDED_ARMS = ("tsc", "no_time")  # trained with profile.arm_seeds seeds; the others with the first seed only
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    arm: str  # a key of ARMS
+    seed: int  # the trainer's seed (data order, caption choice, noise, initial connector)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+
+def arm_runs(profile: Any) -> list[ArmRun]:
+    """Every trainer run of the stage, in the order they are trained."""
+    seeds = list(range(max(1, int(profile.arm_seeds))))
+    return [ArmRun(arm, seed) for arm in ARMS for seed in (seeds if arm in SEEDED_ARMS else seeds[:1])]
+
+
+SETTINGS = ("arm_images", "arm_captions", "llm_max_length", "arm_steps", "arm_batch", "arm_lr", "arm_warmup",
+            "arm_seeds", "arm_layers", "arm_heads", "arm_latents", "arm_time_channel", "arm_time_embed_dim",
+            "caption_dropout", "min_snr_gamma", "arm_holdout", "arm_val_every")
+
+
+def settings(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
+    """What the stage's result depends on: the base's settings (and so the world's), the LLM, its own."""
+    return {"base": stage_io.settings_of(workdir / "base"), "llm": str(llm), **profile.settings(*SETTINGS)}
+
+
+def cache_folder(workdir: Path, profile: Any) -> Path:
+    """The arms' feature cache, outside the stage folder, so a rerun with other training settings reuses what
+    the trainer encoded. The trainer's settings hash (its subfolder) covers the LLM settings but sees the data
+    and the base only by path: the digest here covers what those paths hold (the world and VAE settings, the
+    images and captions the arms keep), so a changed world, VAE or data subset never reads stale latents."""
+    import hashlib
+
+    what = {"vae": stage_io.settings_of(workdir / "vae"), **profile.settings("arm_images", "arm_captions")}
+    return workdir / "cache" / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_data(workdir: Path, profile: Any) -> Path:
+    """`<workdir>/arms/data/`: the first `arm_images` training images of the world, each with its first
+    `arm_captions` captions (SmolLM2 encodes every caption of the folder once, 0.05-0.2 s each on 2 cores,
+    so the arms' share of the world's 3 phrasings per image is bounded here)."""
+    import shutil
+
+    from bench.alignment import world
+
+    out = workdir / "arms" / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = world.load_scenes(workdir / "world" / "train")[: int(profile.arm_images)]
+    for image, _, captions in rows:
+        shutil.copyfile(image, out / image.name)
+        (out / image.with_suffix(".txt").name).write_text("\n".join(captions[: int(profile.arm_captions)]) + "\n")
+    return out
+
+
+def trainer_config(workdir: Path, profile: Any, llm: str, run: ArmRun) -> dict[str, Any]:
+    """The YAML config of one arm's run. The connector's width is not set: the trainer makes it the base UNet's
+    cross_attention_dim (its output is the UNet's whole context)."""
+    out = workdir / "arms" / run.name
+    steps = int(profile.arm_steps)
+    size = int(profile.image_size)
+    return {
+        "output_dir": str(out),
+        "seed": run.seed,
+        "model": {"pretrained": str(workdir / "base" / "model"), "base": "sd15"},
+        # SmolLM2 (hidden 576) from its GGUF, in float32 on the CPU; fixed length: templated captions are short
+        "llm": {"source": str(llm), "dtype": "float32", "token_mode": "fixed", "max_length": int(profile.llm_max_length)},
+        "connector": {"layers": int(profile.arm_layers), "heads": int(profile.arm_heads),
+                      "num_latents": int(profile.arm_latents), "time_channel": int(profile.arm_time_channel),
+                      "time_embed_dim": int(profile.arm_time_embed_dim), **ARMS[run.arm]},
+        "data": {"path": str(workdir / "arms" / "data"), "caption_rule": "random",
+                 "caption_dropout": float(profile.caption_dropout), "resolution": size, "buckets": False,
+                 "bucket_step": _bucket_step(size), "num_workers": 0},
+        "cache": {"mode": "full", "dir": str(cache_folder(workdir, profile)), "shard_size": 256},
+        "optim": {"lr": float(profile.arm_lr), "weight_decay": 0.01, "warmup_steps": int(profile.arm_warmup),
+                  "schedule": "cosine"},
+        "train": {"batch_size": int(profile.arm_batch), "max_steps": steps, "mixed_precision": "no",
+                  "min_snr_gamma": profile.min_snr_gamma, "checkpoint_every": steps, "keep_checkpoints": 1,
+                  "log_every": max(1, min(25, steps // 4)), "report_to": "none", "device": "cpu",
+                  "threads": torch.get_num_threads()},  # stage_io.set_threads' choice
+        "validation": {"every": int(profile.arm_val_every) or steps, "holdout": int(profile.arm_holdout)},
+    }
+
+
+def _bucket_step(size: int) -> int:
+    """The largest of 64, 32, 16, 8 dividing the image size (the trainer wants resolution % bucket_step == 0)."""
+    return next((s for s in (64, 32, 16, 8) if size % s == 0), size)
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """metrics.jsonl -> the last training-loss record's loss and the last held-out loss (None if absent)."""
+    loss = val = None
+    val_curve = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            loss = float(record["loss"])
+        if "val_loss" in record:
+            val = float(record["val_loss"])
+            val_curve.append([int(record["step"]), val])
+    return {"final_loss": loss, "heldout_loss": val, "heldout_curve": val_curve}
+
+
+def train_one(workdir: Path, profile: Any, llm: str, run: ArmRun,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Writes the run's config, runs train.py on it as a subprocess, returns its figures."""
+    config = trainer_config(workdir, profile, llm, run)
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "arms" / f"{run.name}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path)]
+    log_path = out / "train.stdout.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as stream:
+        try:
+            proc = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                                  timeout=float(profile.arm_timeout_s), env=_env())
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"arm {run.name}: train.py ran past {profile.arm_timeout_s} s; its log is {log_path}")
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"arm {run.name}: train.py exited with {proc.returncode} (config {config_path}, "
+                           f"log {log_path}):\n{tail}")
+    if not (out / "ella.safetensors").is_file():
+        raise RuntimeError(f"arm {run.name}: train.py finished but wrote no {out / 'ella.safetensors'}")
+    figures = read_metrics(out / "metrics.jsonl")
+    log(f"  arm {run.name}: {wall:.1f} s, final loss {figures['final_loss']}, held-out loss {figures['heldout_loss']}")
+    return {"arm": run.arm, "seed": run.seed, "wall_s": round(wall, 2), "config": str(config_path),
+            "connector": str(out / "ella.safetensors"), **figures}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)  # train.threads sets the threads
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def context_width(workdir: Path) -> int:
+    """The base UNet's cross_attention_dim: the connector's width (its output is the UNet's whole context)."""
+    config = json.loads((workdir / "base" / "model" / "unet" / "config.json").read_text())
+    return int(config["cross_attention_dim"])
+
+
+def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
+    """Stage 5: trains every arm run in turn; figures per run: wall time, final and held-out loss, paths."""
+    workdir = Path(workdir)
+    stage = workdir / "arms"
+    own = settings(workdir, profile, llm)
+    if (figures := stage_io.cached(stage, own)) is not None:
+        return figures
+    stage_io.set_threads(profile)
+    progress = stage_io.Progress("arms")
+    stage_io.start(stage)
+    write_data(workdir, profile)
+    runs = {}
+    for arm_run in arm_runs(profile):
+        runs[arm_run.name] = train_one(workdir, profile, llm, arm_run, progress)
+    figures = {"context_dim": context_width(workdir), "runs": runs, "seconds": round(progress.elapsed, 1)}
+    return stage_io.finish(stage, own, figures)
+
+
+def connectors(done: dict[str, Any]) -> dict[str, list[str]]:
+    """arm -> the connector files of its runs (one per training seed), from the stage's done.json figures."""
+    out: dict[str, list[str]] = {}
+    for record in done["runs"].values():
+        out.setdefault(record["arm"], []).append(record["connector"])
+    return out
+
+
+def arm_runs_from_done(workdir: Path) -> list[dict[str, Any]]:
+    """The stage's run records (config, connector, losses) from `<workdir>/arms/done.json`."""
+    path = workdir / "arms" / "done.json"
+    if not path.is_file():
+        raise RuntimeError(f"{path} does not exist: the arms stage has not finished")
+    return list(json.loads(path.read_text())["figures"]["runs"].values())

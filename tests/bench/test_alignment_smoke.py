@@ -1,0 +1,109 @@
+"""The alignment benchmark's plumbing, end to end: `bench/alignment/run.py --profile smoke` in a fresh workdir
+(the real script, the real trainer runs, a tiny T5 as the LLM through `--llm`), then a rerun that must
+reuse every stage, then `--force evaluate` that must redo exactly evaluate and the stages after it.
+
+This checks the plumbing, not the result: the smoke profile trains for a few steps only. The full profile's
+SmolLM2 path is the same code with another `--llm` (ella_core.load_text_encoder loads both)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "bench" / "alignment" / "run.py"
+
+
+def _run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ALIGNMENT_THREADS="1", PYTHONPATH=str(ROOT))  # 1: the test shares its machine
+    llm = workdir.parent / "models" / "text_encoders" / "tiny-t5"
+    return subprocess.run([sys.executable, str(RUN), "--profile", "smoke", "--workdir", str(workdir), "--llm", str(llm),
+                           *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _finite_figures(node, where: str) -> int:
+    """Counts the numbers under `node`, failing on any that is not finite."""
+    if isinstance(node, dict):
+        return sum(_finite_figures(v, f"{where}.{k}") for k, v in node.items())
+    if isinstance(node, list):
+        return sum(_finite_figures(v, f"{where}[{i}]") for i, v in enumerate(node))
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        assert math.isfinite(node), f"{where} is {node}"
+        return 1
+    return 0
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from devtools.tiny_models import write_tiny_t5
+
+    root = tmp_path_factory.mktemp("alignment")
+    write_tiny_t5(root / "models")  # the plumbing with a tiny T5: SmolLM2 alone takes ~50 s to load here
+    workdir = root / "work"
+    first = _run(workdir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return workdir, first
+
+
+def test_results_cover_every_method_and_split(smoke_run):
+    from bench.alignment import evaluate, generate, run
+
+    workdir, first = smoke_run
+    results = json.loads((workdir / "evaluate" / "results.json").read_text())
+    assert set(results["methods"]) == {evaluate.REFERENCE, *generate.METHODS}
+    for method, per_split in results["methods"].items():
+        assert set(per_split) == set(generate.SPLITS), method
+        for split, per_metric in per_split.items():
+            assert set(per_metric) == set(evaluate.METRICS), (method, split)
+            for metric, stats in per_metric.items():
+                lo, hi = stats["ci"]
+                eps = 1e-9  # the point estimate and the replicates are summed in different orders
+                assert -eps <= lo <= stats["mean"] + eps and stats["mean"] - eps <= hi <= 1.0 + eps, \
+                    (method, split, metric, stats)
+    assert set(results["differences"]) == {f"{x}-{y}" for x, y in evaluate.PAIRS}
+    assert _finite_figures(results, "results") > 0
+    for stage in run.STAGE_NAMES:
+        assert (workdir / stage / "done.json").is_file(), stage
+    arms = json.loads((workdir / "arms" / "done.json").read_text())["figures"]["runs"]
+    assert {r["arm"] for r in arms.values()} == {"tsc", "no_time", "mean_pool"}
+    for name, record in arms.items():  # each arm is a real trainer run with its own connector file
+        assert Path(record["connector"]).is_file(), name
+        assert math.isfinite(record["final_loss"]) and math.isfinite(record["heldout_loss"]), record
+    for method in generate.METHODS:  # images of every method, the same shape
+        for split in generate.SPLITS:
+            images = generate.load_images(workdir, method, split)
+            assert images.shape[1:3] == (results["prompts"][split], _profile().gen_seeds), (method, split)
+    assert (workdir / "report.md").read_text().count("|") > 20
+    assert (workdir / "report" / "alignment_grid.png").is_file()
+    assert "| binding" in first.stdout or "binding |" in first.stdout  # the final table is printed
+
+
+def test_rerun_reuses_every_stage_and_force_redoes_from_there(smoke_run):
+    from bench.alignment import run
+
+    workdir, _ = smoke_run
+    before = {s: (workdir / s / "done.json").read_text() for s in run.STAGE_NAMES}
+    again = _run(workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for stage in run.STAGE_NAMES:
+        assert f"[{stage}] cached" in again.stdout, stage
+        assert (workdir / stage / "done.json").read_text() == before[stage], stage
+    forced = _run(workdir, "--force", "evaluate")
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    names = run.STAGE_NAMES
+    for stage in names:
+        redone = names.index(stage) >= names.index("evaluate")
+        assert (f"[{stage}] cached" in forced.stdout) is not redone, (stage, forced.stdout[-2000:])
+
+
+def _profile():
+    from bench.alignment.profiles import PROFILES
+
+    return PROFILES["smoke"]
