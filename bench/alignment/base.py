@@ -23,7 +23,7 @@ from bench.alignment import judge as judge_stage  # noqa: E402
 from bench.alignment import stage_io, unet_training, vae as vae_stage, world  # noqa: E402
 from bench.alignment.weak_encoder import WeakEncoder, world_vocabulary  # noqa: E402
 
-SETTINGS = ("unet_channels", "unet_head_dim", "context_dim", "text_length", "base_steps", "base_batch", "base_lr",
+SETTINGS = ("unet_channels", "unet_head_dim", "unet_norm_groups", "context_dim", "text_length", "base_steps", "base_batch", "base_lr",
             "base_warmup", "base_ema", "base_min_snr_gamma", "caption_dropout", "train_timesteps", "check_images",
             "sample_steps", "guidance")
 build_vae = vae_stage.build
@@ -38,7 +38,7 @@ def make_unet(profile: Any) -> Any:
         out_channels=profile.vae_latent_channels, block_out_channels=channels, layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * len(channels), up_block_types=("CrossAttnUpBlock2D",) * len(channels),
         cross_attention_dim=profile.context_dim, attention_head_dim=profile.unet_head_dim,
-        norm_num_groups=min(32, channels[0]))
+        norm_num_groups=profile.unet_norm_groups)
 
 
 def load_base(workdir: Path) -> tuple[Any, Any, Any, WeakEncoder]:

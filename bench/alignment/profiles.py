@@ -40,6 +40,7 @@ class Profile:
     # --- stage 4: base (UNet2DConditionModel + WeakEncoder, trained jointly from scratch)
     unet_channels: tuple[int, ...] = (32, 64)
     unet_head_dim: int = 8
+    unet_norm_groups: int = 8  # GroupNorm groups; one channel a group (32 on 32 channels) erases a uniform colour offset
     context_dim: int = 64  # the weak encoder's width = the UNet's cross_attention_dim
     text_length: int = 24  # the weak encoder's fixed token count (padded)
     base_steps: int = 1600
