@@ -191,9 +191,7 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     own = settings(workdir, profile, llm)
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    progress = stage_io.Progress("arms")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile)
     write_data(workdir, profile)
     runs = {}
     for arm_run in arm_runs(profile):

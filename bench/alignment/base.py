@@ -115,10 +115,7 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     settings = {"judge": stage_io.settings_of(workdir / "judge"), **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, settings)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    torch.manual_seed(profile.seed)
-    progress = stage_io.Progress("base")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile, seed=True)
     vae = vae_stage.load_vae(workdir)
     rows = world.load_scenes(workdir / "world" / "train")
     latents = vae_stage.encode(vae, vae_stage.load_images([p for p, _, _ in rows]))

@@ -129,9 +129,7 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
            **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    progress = stage_io.Progress("evaluate")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile)
     judge = judge_module.load_judge(workdir)
     prompts = {split: generate.read_prompts(workdir, split, int(profile.gen_prompts)) for split in generate.SPLITS}
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}

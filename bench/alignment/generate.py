@@ -198,9 +198,7 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     own = {"upper": stage_io.settings_of(workdir / "upper"), "llm": str(llm), **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    progress = stage_io.Progress("generate")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile)
     from bench.alignment import base as base_stage
 
     unet, vae, scheduler, encoder = base_stage.load_base(workdir)

@@ -202,10 +202,7 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     settings = {"vae": stage_io.settings_of(workdir / "vae"), **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, settings)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    torch.manual_seed(profile.seed)
-    progress = stage_io.Progress("judge")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile, seed=True)
     judge = train_judge(workdir, profile, progress)
     save_judge(judge, stage / "judge.safetensors", profile.judge_width)
     rng = np.random.default_rng([profile.seed, 33])  # renders the judge never saw

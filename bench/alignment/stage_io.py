@@ -46,6 +46,17 @@ def start(stage_dir: Path) -> Path:
     return stage_dir
 
 
+def begin(stage_dir: Path, profile: Any, *, seed: bool = False) -> "Progress":
+    """Set up a stage that must run (not cached): its threads, optionally the profile's torch seed, an empty
+    folder (`start`), and its progress lines, named for the folder."""
+    set_threads(profile)
+    if seed:
+        torch.manual_seed(profile.seed)
+    progress = Progress(stage_dir.name)
+    start(stage_dir)
+    return progress
+
+
 def finish(stage_dir: Path, settings: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
     """Write done.json atomically (temporary file + rename), after everything else of the stage."""
     tmp = stage_dir / (DONE + ".tmp")

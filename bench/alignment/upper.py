@@ -79,10 +79,7 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     own = {"arms": stage_io.settings_of(workdir / "arms"), **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    torch.manual_seed(profile.seed)
-    progress = stage_io.Progress("upper")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile, seed=True)
     latents, captions, features = cached_training_set(workdir)
     unet = UNet2DConditionModel.from_pretrained(str(workdir / "base" / "model" / "unet"), torch_dtype=torch.float32)
     input_dim = next(iter(features.values())).shape[-1]

@@ -98,10 +98,7 @@ def build(workdir: Path, profile: Any) -> dict[str, Any]:
     settings = {"world": stage_io.settings_of(workdir / "world"), **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, settings)) is not None:
         return figures
-    stage_io.set_threads(profile)
-    torch.manual_seed(profile.seed)
-    progress = stage_io.Progress("vae")
-    stage_io.start(stage)
+    progress = stage_io.begin(stage, profile, seed=True)
     train = folder_images(workdir / "world" / "train")
     test = torch.cat([folder_images(workdir / "world" / s) for s in ("test_seen", "test_heldout")])
     vae = make_vae(profile)
