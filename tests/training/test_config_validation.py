@@ -179,3 +179,11 @@ def test_the_schema_knows_the_dtypes_the_models_parse():
     assert sorted(LLM_DTYPE_NAMES) == sorted({*AUTO, *NAMES, *ALIASES})
     for name in LLM_DTYPE_NAMES:
         canonical_name(name)  # every listed name parses
+
+
+def test_the_schema_knows_the_connector_pools_the_core_builds():
+    """training.config's torch-free pool list is ella_core's, less None (the schema's `null`)."""
+    from ella_core.config import INPUT_POOLS
+    from training.config import CONNECTOR_POOLS
+
+    assert sorted(CONNECTOR_POOLS) == sorted(p for p in INPUT_POOLS if p is not None)
