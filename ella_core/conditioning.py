@@ -4,7 +4,8 @@ Sampler-agnostic by design: an `EllaPrompt` keeps the LLM features (never padded
 connector that reads them and optional CLIP tokens; `ContextCache.context(prompt, t)` turns them into the
 UNet context for the timestep the model is evaluated at. A cache lives for one sampling run, so the text
 projection is computed once per prompt and the connector once per (prompt, timestep), batched: one forward
-for all prompts of a model call, a few for a whole planned schedule (`ContextCache.precompute`).
+for all prompts of a model call, a few for a whole planned schedule (`ContextCache.precompute`). Given a
+`ContextStore` (ella_core/context_store.py), a run first looks there for contexts earlier runs computed.
 ComfyUI-free: the node pack's sampler hook (nodes/hook.py) does the ComfyUI plumbing.
 """
 
@@ -20,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .connector import ELLA
+from .context_store import ContextStore, weights_signature
 
 
 COMPILE_ENV = "ELLA_TSC_COMPILE"  # "1": run the connector's forward through torch.compile (off by default)
@@ -134,6 +136,7 @@ class CacheStats:
     forwards: int = 0  # connector forward passes (forward_many calls) that computed them
     precomputed: int = 0  # of connector_calls, computed ahead from the sampler's planned schedule
     cpu_seconds: float = 0.0  # this thread's CPU time in the connector (projection included; the bench's figure)
+    reused: int = 0  # contexts taken from the cross-run ContextStore instead of computed
 
 
 @dataclass
@@ -148,6 +151,7 @@ class ContextCache:
     `max_contexts` entries: samplers revisit a timestep only at neighbouring evaluations.
 
     connector: the run's connector (the sampler hook's); None uses each prompt's own (`EllaPrompt.connector`).
+    store: contexts of earlier runs (looked up before computing; what this run computes is added); None: none.
     """
 
     connector: Optional[Callable[[], ELLA]] = None
@@ -159,11 +163,14 @@ class ContextCache:
     planned: dict = field(default_factory=dict)  # precomputed for the schedule, kept for the run
     stats: CacheStats = field(default_factory=CacheStats)
     checked: set = field(default_factory=set)  # prompts whose connector was checked against this run's
+    store: Optional[ContextStore] = None
+    from_store: dict = field(default_factory=dict)  # taken from the store, kept for the run (shared tensors)
+    signatures: dict = field(default_factory=dict)  # id(module) -> its weights at this run's first store access
 
     def holds(self, rows: list) -> bool:
         """Whether every row's context is cached already."""
         ella = self.ensure_connector(rows[0][0])
-        return all(self._lookup(self._key(r, ella)) is not None for r in rows)
+        return all(self._lookup(self._key(r, ella), ella) is not None for r in rows)
 
     def ensure_connector(self, prompt: EllaPrompt) -> ELLA:
         """The module that runs, wherever model management put it."""
@@ -182,13 +189,38 @@ class ContextCache:
         prompt, i, t = row
         return prompt, i, t, ella.device, ella.dtype
 
-    def _lookup(self, key: tuple) -> Optional[torch.Tensor]:
+    def _lookup(self, key: tuple, ella: Optional[ELLA] = None) -> Optional[torch.Tensor]:
         if key in self.planned:
             return self.planned[key]
         if key in self.contexts:
             self.contexts.move_to_end(key)
             return self.contexts[key]
+        if key in self.from_store:
+            return self.from_store[key]
+        if self.store is not None and ella is not None:
+            value = self.store.get(*self._store_key(key, ella))
+            if value is not None:
+                self.from_store[key] = value
+                self.stats.reused += 1
+            return value
         return None
+
+    def _store_key(self, key: tuple, ella: ELLA) -> tuple:
+        """(owners, key) in the store: everything a context is a function of. The prompt (features, text bias)
+        and the module by identity; their tensors' version counters, the module's weights signature, row, t,
+        device, dtype and the compiled path by value."""
+        prompt, i, t, device, dtype = key
+        if id(ella) not in self.signatures:
+            self.signatures[id(ella)] = (weights_signature(ella), os.environ.get(COMPILE_ENV) == "1")
+        bias = prompt.text_bias
+        versions = (prompt.features._version, None if bias is None else bias._version)
+        return (prompt, ella), (i, t, device, dtype, versions, self.signatures[id(ella)])
+
+    def _keep(self, key: tuple, value: torch.Tensor, ella: ELLA) -> torch.Tensor:
+        """Offer a computed context to the store; returns the tensor to use (the stored one, when kept)."""
+        if self.store is None:
+            return value
+        return self.store.put(*self._store_key(key, ella), value)
 
     def _compute(self, rows: list, ella: ELLA) -> list:
         """Contexts (N, W) of `rows`, stacked into forwards per token length, at most max_rows_per_forward each."""
@@ -228,10 +260,10 @@ class ContextCache:
             return []
         ella = self.ensure_connector(rows[0][0])
         keys = [self._key(r, ella) for r in rows]
-        found = [self._lookup(k) for k in keys]
+        found = [self._lookup(k, ella) for k in keys]
         missing = list(dict.fromkeys(k for k, v in zip(keys, found) if v is None))
         if missing:
-            computed = self._compute([k[:3] for k in missing], ella)
+            computed = [self._keep(k, v, ella) for k, v in zip(missing, self._compute([k[:3] for k in missing], ella))]
             for k, v in zip(missing, computed):
                 self.contexts[k] = v
             while len(self.contexts) > max(self.max_contexts, len(missing)):
@@ -249,7 +281,7 @@ class ContextCache:
         if not rows:
             return 0
         ella = self.ensure_connector(rows[0][0])
-        todo = [r for r in dict.fromkeys(rows) if self._lookup(self._key(r, ella)) is None]
+        todo = [r for r in dict.fromkeys(rows) if self._lookup(self._key(r, ella), ella) is None]
         if not todo:
             return 0
         per_context = ella.config.num_latents * ella.config.width * torch.finfo(ella.dtype).bits // 8
@@ -258,7 +290,8 @@ class ContextCache:
             self.planned.clear()
         todo = todo[:limit]
         for row, value in zip(todo, self._compute(todo, ella)):
-            self.planned[self._key(row, ella)] = value
+            key = self._key(row, ella)
+            self.planned[key] = self._keep(key, value, ella)
         self.stats.precomputed += len(todo)
         return len(todo)
 

@@ -13,7 +13,10 @@ How it works (see docs/nodes.md):
   (`transformer_options["sample_sigmas"]`) are computed ahead in a few large forwards, so only off-schedule
   evaluations (heun/dpm_2 midpoints, custom samplers) run the connector during sampling. ComfyUI's own
   batching, areas, masks, timestep ranges, ControlNet and padding then run unchanged.
-- Its OUTER_SAMPLE wrapper opens a fresh `ContextCache` for the sampling run.
+- Its OUTER_SAMPLE wrapper opens a fresh `ContextCache` for the sampling run, backed by the process's
+  `ContextStore` (ella_core/context_store.py): a re-queued graph (new seed, same prompts, connector and
+  schedule) takes every context from there and runs no connector forward; a changed schedule computes only
+  its new timesteps. The run's counters are logged at DEBUG level and kept in `EllaHook.last_stats`.
 Wrappers are added with `add_wrapper_with_key`, so other packs' wrappers keep running; the hook object is
 shared by clones (never deep-copied), so cloning a model never copies tensors.
 """
@@ -30,6 +33,7 @@ import comfy.conds
 import comfy.patcher_extension as pe
 
 from ..ella_core.conditioning import CacheStats, ContextCache, EllaPrompt, check_same_connector
+from ..ella_core.context_store import shared_store
 
 WRAPPER_KEY = "ella"  # our key among ComfyUI's keyed wrappers
 COND_KEY = "ella"  # our entry in a cond's model_conds
@@ -177,21 +181,24 @@ class EllaHook:
         self.last_stats: Optional[CacheStats] = None
 
     def outer_sample(self, executor, *args, **kwargs):
-        """Opens a ContextCache for one sampling run and drops it afterwards (no tensors outlive the run)."""
-        cache = ContextCache(connector=self.connector)
+        """Opens a ContextCache for one sampling run and drops it afterwards: only what the bounded, weakly
+        keyed ContextStore keeps outlives the run."""
+        cache = ContextCache(connector=self.connector, store=shared_store())
         token = _RUN_CACHE.set(cache)
         try:
             return executor(*args, **kwargs)
         finally:
             _RUN_CACHE.reset(token)
-            self.last_stats = cache.stats
+            self.last_stats = s = cache.stats
+            log.debug("ELLA run: %d contexts computed in %d connector forwards (%d precomputed), %d reused from "
+                      "the context store", s.connector_calls, s.forwards, s.precomputed, s.reused)
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         """CALC_COND_BATCH wrapper: replace ELLA contexts for this evaluation, then let ComfyUI do the rest."""
         if any(c is not None and any(COND_KEY in x.get("model_conds", {}) for x in c) for c in conds):
             cache = current_cache()
             if cache is None or cache.connector is not self.connector:  # outside outer_sample: this call only
-                cache = ContextCache(connector=self.connector)
+                cache = ContextCache(connector=self.connector, store=shared_store())
             schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
             conds = ella_conds_for_step(model, conds, x_in, timestep, cache, schedule)
         return executor(model, conds, x_in, timestep, model_options)
