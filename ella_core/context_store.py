@@ -88,11 +88,11 @@ class ContextStore:
         size = value.untyped_storage().nbytes()
         with self._lock:
             self._purge_dead()
-            if size > self.budget_bytes:
-                return value
             full = self._full_key(owners, key)
             if full in self._entries:
                 self._drop(full)
+            if size > self.budget_bytes:
+                return value
             for owner in owners:
                 self._watch(owner)[1].add(full)
             self._entries[full] = value
