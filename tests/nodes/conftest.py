@@ -21,7 +21,7 @@ NARROW_LLM_ELLA = "tiny_ella_input32.safetensors"  # input_dim 32 vs the tiny T5
 def context_store_env(monkeypatch):
     """In-process runs start without the cross-run context store (ella_core/context_store.py), so a test's
     counts of connector work per run do not depend on which tests ran before it in this process;
-    tests/nodes/test_context_store.py overrides this fixture to switch the store on."""
+    tests/nodes/test_context_reuse.py overrides this fixture to switch the store on."""
     monkeypatch.setenv("ELLA_TSC_CONTEXT_STORE_MB", "0")
 
 
