@@ -6,6 +6,8 @@ Benches do not import tests/: what they share with the tests lives in devtools/.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -89,3 +91,18 @@ def ella_conditioning(connector, seed: int, tokens: int):
 def static_conditioning(seed: int, tokens: int, width: int):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, width, generator=g), {}]]
+
+
+@contextlib.contextmanager
+def context_store(mib: str):
+    """$ELLA_TSC_CONTEXT_STORE_MB for the sampling runs inside: "0" for cold runs (no context reused from an
+    earlier run, and the store emptied), "" for the default budget."""
+    old = os.environ.get("ELLA_TSC_CONTEXT_STORE_MB")
+    os.environ["ELLA_TSC_CONTEXT_STORE_MB"] = mib
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ELLA_TSC_CONTEXT_STORE_MB")
+        else:
+            os.environ["ELLA_TSC_CONTEXT_STORE_MB"] = old

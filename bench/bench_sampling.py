@@ -10,7 +10,10 @@ shared machine), the ratios ELLA / static, the in-run ratio (an ELLA run's CPU t
 the connector's own CPU time, immune to load changes between runs), the connector's work per run (contexts
 computed, forward passes, of which precomputed from the schedule), and the arithmetic floor: the connector's
 FLOPs per context over the UNet's per row, which no exact method can go below. Small latents (8x8) make the
-connector's share as large as it gets; at 64x64 (512 px) the UNet dominates.
+connector's share as large as it gets; at 64x64 (512 px) the UNet dominates. These cold runs have the
+cross-run context store off. Then the repeat-run figure: the same ELLA graph queued again with a new seed
+(the store on, filled by one run), alternated with static runs: its seconds per step, ratios to static and
+the connector work it still did (0 forwards when every context came from the store).
 
     python bench/bench_sampling.py [--latent 8 64] [--batch 1 4] [--sampler euler heun] [--steps 4]
                                    [--repeats 3] [--threads 1] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
@@ -39,12 +42,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_run(model, pos, neg, latent_side: int, batch: int, steps: int, sampler: str) -> tuple[float, float]:
+def time_run(model, pos, neg, latent_side: int, batch: int, steps: int, sampler: str,
+             seed: int = 0) -> tuple[float, float]:
     """One sampling run -> (wall s/step, CPU s/step)."""
     import comfy.sample
 
     latent = torch.zeros(batch, 4, latent_side, latent_side)
-    noise = comfy.sample.prepare_noise(latent, 0)
+    noise = comfy.sample.prepare_noise(latent, seed)
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
     comfy.sample.sample(model, noise, steps, 5.0, sampler, "normal", pos, neg, latent, seed=0, disable_pbar=True)
@@ -108,6 +112,20 @@ def run_config(unet, ella_model, hook, conds, latent: int, batch: int, sampler: 
     return {"plain": plain, "ella": ella, "stats": stats, "implied": implied}
 
 
+def repeat_config(unet, ella_model, hook, conds, latent: int, batch: int, sampler: str, args) -> dict:
+    """The ELLA graph re-queued with a new seed each time (store on, filled by one run first), alternated
+    with static runs."""
+    (ella_pos, ella_neg), (plain_pos, plain_neg) = conds
+    go = lambda m, p, n, seed: time_run(m, p, n, latent, batch, args.steps, sampler, seed)  # noqa: E731
+    plain, again = [], []
+    with h.context_store(""):
+        go(ella_model, ella_pos, ella_neg, 0)  # the run whose contexts the repeats find
+        for i in range(args.repeats):
+            plain.append(go(unet, plain_pos, plain_neg, 0))
+            again.append(go(ella_model, ella_pos, ella_neg, 1 + i))
+    return {"plain": plain, "ella": again, "stats": hook.installed_hook(ella_model).last_stats}
+
+
 def summary(runs: list, which: int) -> tuple[float, float]:
     values = [r[which] for r in runs]
     return min(values), statistics.median(values)
@@ -145,9 +163,12 @@ def main() -> None:
           "| CPU ratio min  med | in-run min med | contexts forwards precomputed per run", flush=True)
     print("(ratio: wall clock; CPU ratio: this process's CPU time; in-run: ELLA run CPU / (same run minus the "
           "connector's CPU time), which no load drift between runs can skew)", flush=True)
-    floors = {}
+    floors, repeats = {}, []
     for latent, batch, sampler in itertools.product(args.latent, args.batch, args.sampler):
-        r = run_config(unet, ella_model, hook, conds, latent, batch, sampler, args)
+        with h.context_store("0"):  # cold: every run computes its own contexts
+            r = run_config(unet, ella_model, hook, conds, latent, batch, sampler, args)
+        repeats.append(((latent, batch, sampler), repeat_config(unet, ella_model, hook, conds, latent, batch,
+                                                                sampler, args)))
         (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
         (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
         s = r["stats"]
@@ -157,6 +178,15 @@ def main() -> None:
               flush=True)
         if latent not in floors:
             floors[latent] = flop_floor(unet, running, prompts[0], latent)
+    print("repeat run (same graph, new seed) | static s/step min med | ELLA s/step min med | ratio min med "
+          "| CPU ratio min med | contexts forwards reused per run", flush=True)
+    for (latent, batch, sampler), r in repeats:
+        (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
+        (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
+        s = r["stats"]
+        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}            | {pw:9.4f} {pwm:9.4f} | "
+              f"{ew:9.4f} {ewm:9.4f} | {ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:.3f} {ecm / pcm:.3f} | "
+              f"{s.connector_calls:8d} {s.forwards:8d} {s.reused:6d}", flush=True)
     for latent, (ctx, row) in floors.items():
         print(f"FLOPs at {latent}x{latent}: one context {ctx:.2f} GFLOP, one UNet row {row:.2f} GFLOP: exact "
               f"conditioning adds at least {ctx / row:.3f} FLOP per UNet FLOP at batch 1, {ctx / (4 * row):.3f} at "
