@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .connector import ELLA
-from .context_store import ContextStore, weights_signature
+from .context_store import ContextStore, tensor_version, weights_signature
 
 
 COMPILE_ENV = "ELLA_TSC_COMPILE"  # "1": run the connector's forward through torch.compile (off by default)
@@ -213,7 +213,7 @@ class ContextCache:
         if id(ella) not in self.signatures:
             self.signatures[id(ella)] = (weights_signature(ella), os.environ.get(COMPILE_ENV) == "1")
         bias = prompt.text_bias
-        versions = (prompt.features._version, None if bias is None else bias._version)
+        versions = (tensor_version(prompt.features), None if bias is None else tensor_version(bias))
         return (prompt, ella), (i, t, device, dtype, versions, self.signatures[id(ella)])
 
     def _keep(self, key: tuple, value: torch.Tensor, ella: ELLA) -> torch.Tensor:

@@ -43,10 +43,17 @@ def budget_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
     return int(mib * MIB)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place change); -1 for inference tensors (made under
+    torch.inference_mode, as ComfyUI loads models), which have none."""
+    return -1 if t.is_inference() else t._version
+
+
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Identity and version counter of every parameter and buffer: changes when weights are replaced or
-    modified in place (load_state_dict, copy_), not when the module only moves between devices."""
-    return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+    modified in place (load_state_dict, copy_), not when the module only moves between devices. Of inference
+    tensors only a replacement shows."""
+    return tuple((id(t), tensor_version(t)) for t in (*module.parameters(), *module.buffers()))
 
 
 class ContextStore:

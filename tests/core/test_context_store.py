@@ -227,3 +227,19 @@ def test_a_dropped_prompt_and_connector_are_collected():
     del module
     gc.collect()
     assert module_ref() is None and len(store) == 0 and store.nbytes == 0
+
+
+def test_inference_tensors_are_stored_too():
+    """ComfyUI loads models and runs nodes under torch.inference_mode: such tensors have no version counter,
+    and a run with them still finds the previous run's contexts."""
+    with torch.inference_mode():
+        module = _connector(3)
+        prompt = EllaPrompt(torch.randn(1, 4, 8), lambda: module, text_bias=torch.zeros(1, 4))
+    assert prompt.features.is_inference() and next(module.parameters()).is_inference()
+    store = ContextStore(64 * MIB)
+    rows = [(prompt, 0, t) for t in (999.0, 12.5)]
+    with torch.inference_mode():
+        first, values = _run(module, store, rows, precompute=True)
+        again, reused = _run(module, store, rows, precompute=True)
+    assert (first.connector_calls, again.connector_calls, again.reused) == (2, 0, 2)
+    assert all(torch.equal(a, b) for a, b in zip(values, reused))
