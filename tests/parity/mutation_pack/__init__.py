@@ -8,6 +8,7 @@ them. The parity test uses it to show that its comparison fails when a piece is 
 - `no_t5_mask`: the LLM runs without its attention mask (ella_core.text_encoder.LLMTextEncoder._forward);
 - `t_plus_1`: the hook converts sigma to t + 1 for the connector (nodes.hook.ella_conds_for_step), while
   the UNet keeps the true t.
+While a mutation is on, the hook's runs use no cross-run context store (nodes.hook.shared_store).
 
 No nodes. Never installed outside the tests.
 """
@@ -106,6 +107,9 @@ async def set_mutation(request):
     _restore()
     if name != "none":
         MUTATIONS[name]()
+        # A patched function changes results no key of the cross-run context store can see: mutated runs
+        # neither read contexts of unmutated ones nor leave theirs behind.
+        _patch(_pack_module(".nodes.hook"), "shared_store", lambda: None)
     return web.json_response({"mutation": name})
 
 
