@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from devtools import comfy_env  # noqa: E402
 from devtools.tiny_models import random_like  # noqa: E402
+from ella_core.context_store import STORE_ENV  # noqa: E402
 
 PACK_MODULE = "ella_tsc_bench_pack"
 
@@ -97,12 +98,12 @@ def static_conditioning(seed: int, tokens: int, width: int):
 def context_store(mib: str):
     """$ELLA_TSC_CONTEXT_STORE_MB for the sampling runs inside: "0" for cold runs (no context reused from an
     earlier run, and the store emptied), "" for the default budget."""
-    old = os.environ.get("ELLA_TSC_CONTEXT_STORE_MB")
-    os.environ["ELLA_TSC_CONTEXT_STORE_MB"] = mib
+    old = os.environ.get(STORE_ENV)
+    os.environ[STORE_ENV] = mib
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("ELLA_TSC_CONTEXT_STORE_MB")
+            os.environ.pop(STORE_ENV)
         else:
-            os.environ["ELLA_TSC_CONTEXT_STORE_MB"] = old
+            os.environ[STORE_ENV] = old

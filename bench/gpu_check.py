@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
-    os.environ["ELLA_TSC_CONTEXT_STORE_MB"] = "0"  # cold runs: repeats must not reuse the first run's contexts
+    os.environ[h.STORE_ENV] = "0"  # cold runs: repeats must not reuse the first run's contexts
     out = Report(Path(args.out))
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; use --smoke for a CPU run with tiny shapes")
