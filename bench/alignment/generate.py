@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class Prompt:
     image: Path  # the world's render of the scene
 
 
-def read_prompts(workdir: Path, split: str, limit: int) -> list[Prompt]:
+def read_prompts(workdir: Path, split: str, limit: Optional[int]) -> list[Prompt]:
     """The first `limit` scenes of a split's image folder with their first captions (the splits are in a
     seeded random order, so the first ones are a sample)."""
     from bench.alignment import world

