@@ -1,6 +1,7 @@
 """The alignment benchmark's plumbing, end to end: `bench/alignment/run.py --profile smoke` in a fresh workdir
 (the real script, the real trainer runs, a tiny T5 as the LLM through `--llm`), then a rerun that must
-reuse every stage, then `--force evaluate` that must redo exactly evaluate and the stages after it.
+reuse every stage, then one after removing the denoise stage (a workdir from before it existed) that must redo
+only denoise and report, then `--force evaluate` that must redo exactly evaluate and the stages after it.
 
 This checks the plumbing, not the result: the smoke profile trains for a few steps only. The full profile's
 SmolLM2 path is the same code with another `--llm` (ella_core.load_text_encoder loads both)."""
@@ -53,7 +54,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_results_cover_every_method_and_split(smoke_run):
-    from bench.alignment import evaluate, generate, run
+    from bench.alignment import denoise, evaluate, generate, run
 
     workdir, first = smoke_run
     results = json.loads((workdir / "evaluate" / "results.json").read_text())
@@ -81,6 +82,16 @@ def test_results_cover_every_method_and_split(smoke_run):
             images = generate.load_images(workdir, method, split)
             assert images.shape[1:3] == (results["prompts"][split], _profile().gen_seeds), (method, split)
     assert (workdir / "report.md").read_text().count("|") > 20
+    assert "Denoising loss" in (workdir / "report.md").read_text() and "share of the text gap" in first.stdout
+    noised = json.loads((workdir / "denoise" / "results.json").read_text())
+    assert noised["rows"] == [*denoise.REFERENCES, *generate.METHODS]
+    assert noised["scenes"] == {"test_seen": _profile().n_test_seen, "test_heldout": _profile().n_test_heldout}
+    for split, rows in noised["splits"].items():  # every test scene, every method and reference
+        assert rows["base"]["share"] == 1.0 and rows["uncond"]["share"] == 0.0, split
+        for row, r in rows.items():
+            assert r["mean"] > 0 and len(r["per_t"]) == len(_profile().denoise_timesteps), (split, row)
+        assert len(rows["tsc"]["per_model"]) == _profile().arm_seeds
+    assert _finite_figures(noised, "denoise") > 0
     assert (workdir / "report" / "alignment_grid.png").is_file()
     assert "| binding" in first.stdout or "binding |" in first.stdout  # the final table is printed
 
@@ -95,6 +106,19 @@ def test_rerun_reuses_every_stage_and_force_redoes_from_there(smoke_run):
     for stage in run.STAGE_NAMES:
         assert f"[{stage}] cached" in again.stdout, stage
         assert (workdir / stage / "done.json").read_text() == before[stage], stage
+    # a workdir finished before the denoise stage existed: only denoise and the report run, nothing else changes
+    import shutil
+
+    shutil.rmtree(workdir / "denoise")
+    older = _run(workdir)
+    assert older.returncode == 0, older.stdout[-3000:] + older.stderr[-3000:]
+    for stage in run.STAGE_NAMES:
+        redone = stage in ("denoise", "report")
+        assert (f"[{stage}] cached" in older.stdout) is not redone, (stage, older.stdout[-2000:])
+        if not redone:
+            assert (workdir / stage / "done.json").read_text() == before[stage], stage
+    assert (json.loads((workdir / "denoise" / "done.json").read_text())["figures"]["loss"]
+            == json.loads(before["denoise"])["figures"]["loss"])  # the same noise: the same figures
     forced = _run(workdir, "--force", "evaluate")
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
     names = run.STAGE_NAMES
