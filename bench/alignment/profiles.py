@@ -83,7 +83,7 @@ class Profile:
     grid_prompts: int = 6  # rows of the picture grid (half seen, half held out)
     # --- stage denoise: epsilon MSE on every test scene's render (denoise.py)
     denoise_timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950)  # the fixed grid of t
-    denoise_draws: int = 4  # seeded noise draws per scene and t (the same for every method)
+    denoise_draws: int = 2  # seeded noise draws per scene and t (the same for every method)
 
     def settings(self, *fields: str) -> dict[str, Any]:
         """The named fields as a JSON-able dict (what a stage's done.json compares)."""
@@ -105,7 +105,6 @@ QUICK = replace(QUICK, arm_images=400, arm_steps=150, arm_seeds=1, arm_holdout=4
 SMOKE = replace(SMOKE, arm_images=32, arm_steps=3, arm_batch=4, arm_warmup=1, arm_seeds=1, arm_latents=8, arm_holdout=4,
                 arm_val_every=0, upper_steps=3, upper_batch=4, gen_prompts=4, gen_seeds=2, boot_samples=200,
                 grid_prompts=4)
-QUICK = replace(QUICK, denoise_draws=2)
 SMOKE = replace(SMOKE, denoise_timesteps=(100, 900), denoise_draws=1)
 
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}

@@ -5,9 +5,9 @@ encoder follow compositional prompts better? (docs/alignment.md)
 
 Stages, in order (each writes `<workdir>/<stage>/` and finishes with `<workdir>/<stage>/done.json`, written
 last and atomically): world, vae, judge, base (the world and the frozen base), arms (ELLA connectors trained
-by training/train.py), upper (the upper bound), generate, evaluate, denoise (the judge-free loss), report. A stage whose done.json holds the
-same settings (its own and those of the stages it reads, bench/alignment/stage_io.py) is skipped; changed
-settings redo it and every stage after it. `--force STAGE` redoes that stage and the ones after it.
+by training/train.py), upper (the upper bound), generate, evaluate, denoise (the judge-free loss), report. A
+stage whose done.json holds the same settings (its own and those of the stages it reads,
+bench/alignment/stage_io.py) is skipped; changed settings redo it and every stage after it. `--force STAGE` redoes that stage and the ones after it.
 """
 
 from __future__ import annotations
