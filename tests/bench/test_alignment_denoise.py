@@ -114,3 +114,22 @@ def test_shuffled_captions_are_another_scenes_never_its_own(seed):
 def test_bad_settings_are_refused_naming_them(timesteps, draws, message):
     with pytest.raises(ValueError, match=message):
         denoise.check_timesteps(timesteps, 1000, draws)
+
+
+def test_report_table_has_a_row_per_method_and_reference_with_its_share():
+    from bench.alignment import generate, report
+
+    rng = np.random.default_rng(0)
+    rows = {row: rng.uniform(0.01, 0.05, size=(2 if row == "tsc" else 1, 4, 2, 1)) for row in denoise.ROWS}
+    results = {"timesteps": [10, 900], "draws": 1, "scenes": {s: 4 for s in generate.SPLITS},
+               "splits": {s: denoise.summary(rows, (10, 900)) for s in generate.SPLITS}}
+    text = report.denoise_tables(results)
+    for split in generate.SPLITS:
+        part = text.split(f"({split},")[1].split("\n\n")[1]  # that split's table
+        lines = part.splitlines()[2:]
+        assert len(lines) == len(denoise.ROWS)
+        for row, line in zip(denoise.ROWS, lines):
+            r = results["splits"][split][row]
+            assert line.startswith(f"| {denoise.LABELS[row]}") and f"| {r['mean']:.5f} | {r['share']:.2f} |" in line
+            assert f"| {r['per_t']['900']:.5f} |" in line
+    assert "(2 training seeds)" in text and "(uncond - method) / (uncond - base)" in text
