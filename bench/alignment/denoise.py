@@ -175,14 +175,16 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     results = {"timesteps": timesteps, "draws": draws, "scenes": {s: len(ps) for s, ps in scenes.items()},
                "rows": list(stacked[generate.SPLITS[0]]),
                "splits": {s: summary(per, timesteps) for s, per in stacked.items()}}
-    np.savez_compressed(stage / "losses.npz", **{f"{row}/{s}": v for s, per in stacked.items() for row, v in per.items()})
+    np.savez_compressed(stage / "losses.npz",
+                        **{f"{row}/{s}": v for s, per in stacked.items() for row, v in per.items()})
     _atomic_json(stage / "results.json", results)
     rows = sum(v.size for per in stacked.values() for v in per.values())
     progress(f"{rows} UNet rows ({sum(results['scenes'].values())} scenes x {len(timesteps)} timesteps x {draws} "
              f"draws per model) in {progress.elapsed:.1f} s")
     figures = {"results": str(stage / "results.json"), "unet_rows": rows, "seconds": round(progress.elapsed, 1),
                "seconds_per_method": seconds,
-               "loss": {s: {row: round(r["mean"], 5) for row, r in per.items()} for s, per in results["splits"].items()},
+               "loss": {s: {row: round(r["mean"], 5) for row, r in per.items()}
+                        for s, per in results["splits"].items()},
                "share": {s: {row: (round(r["share"], 3) if r["share"] is not None else None) for row, r in per.items()}
                          for s, per in results["splits"].items()}}
     return stage_io.finish(stage, own, figures)

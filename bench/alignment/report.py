@@ -75,8 +75,8 @@ def denoise_tables(results: dict[str, Any]) -> str:
             label = denoise.LABELS.get(row, row)
             label += f" ({len(r['per_model'])} training seeds)" if len(r["per_model"]) > 1 else ""
             share = f"{r['share']:.2f}" if r["share"] is not None else "-"
-            lines.append(f"| {label} | {r['mean']:.5f} | {share} | " + " | ".join(f"{r['per_t'][t]:.5f}" for t in timesteps)
-                         + " |")
+            per_t = " | ".join(f"{r['per_t'][t]:.5f}" for t in timesteps)
+            lines.append(f"| {label} | {r['mean']:.5f} | {share} | {per_t} |")
         lines.append("")
     return "\n".join(lines)
 
