@@ -1,7 +1,8 @@
 """Every size and step count of the alignment benchmark, per profile; no other module holds a number like these.
 
-`full` is the run the report quotes (world+VAE+judge+base within ~14 min on 2 idle cores), `quick` a few
-minutes, `smoke` checks the plumbing in seconds (its models learn nothing useful).
+`full` is the run the report quotes (world+VAE+judge+base in 13 min on 2 idle cores, ~45 min in all), `long`
+the same world and base with 4x longer connector training, `quick` a few minutes, `smoke` checks the
+plumbing in seconds (its models learn nothing useful).
 """
 
 from __future__ import annotations
@@ -106,5 +107,8 @@ SMOKE = replace(SMOKE, arm_images=32, arm_steps=3, arm_batch=4, arm_warmup=1, ar
                 arm_val_every=0, upper_steps=3, upper_batch=4, gen_prompts=4, gen_seeds=2, boot_samples=200,
                 grid_prompts=4)
 SMOKE = replace(SMOKE, denoise_timesteps=(100, 900), denoise_draws=1)
+# the full profile's stages 1-4 with 4x longer connector and upper-bound training (one training seed): the
+# connectors were still improving at 400 steps; about 95 min on 2 cores (docs/alignment.md, run 5)
+LONG = replace(FULL, name="long", arm_steps=1600, arm_lr=2e-3, arm_seeds=1, upper_steps=1600, arm_timeout_s=3000)
 
-PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
+PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE, LONG)}

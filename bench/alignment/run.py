@@ -1,7 +1,7 @@
 """The alignment benchmark, end to end: does the trainer's ELLA connector make a frozen UNet with a weak text
 encoder follow compositional prompts better? (docs/alignment.md)
 
-    python bench/alignment/run.py [--profile full|quick|smoke] [--workdir DIR] [--force STAGE] [--llm PATH]
+    python bench/alignment/run.py [--profile full|long|quick|smoke] [--workdir DIR] [--force STAGE] [--llm PATH]
 
 Stages, in order (each writes `<workdir>/<stage>/` and finishes with `<workdir>/<stage>/done.json`, written
 last and atomically): world, vae, judge, base (the world and the frozen base), arms (ELLA connectors trained
@@ -105,7 +105,7 @@ def with_overrides(profile: Any, pairs: list[str], parser: argparse.ArgumentPars
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="full", help="full | quick | smoke (bench/alignment/profiles.py)")
+    parser.add_argument("--profile", default="full", help="full | long | quick | smoke (bench/alignment/profiles.py)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"default {DEFAULT_WORKDIR}")
     parser.add_argument("--force", metavar="STAGE", help=f"redo STAGE and the ones after it ({', '.join(STAGE_NAMES)})")
     parser.add_argument("--threads", type=int, default=None,
