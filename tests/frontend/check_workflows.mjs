@@ -89,7 +89,7 @@ try {
     window.__ellaBodies = [];
     window.__ellaStates = [];
     const last = new Map();
-    window.__ellaPoll = setInterval(() => {
+    window.__ellaRecord = () => {
       document.querySelectorAll(".ella-token-count").forEach((el, i) => {
         const seen = `${el.dataset.state}|${el.textContent}`;
         if (last.get(el) !== seen) {
@@ -97,7 +97,8 @@ try {
           window.__ellaStates.push({ el: i, state: el.dataset.state, text: el.textContent });
         }
       });
-    }, 20);
+    };
+    window.__ellaPoll = setInterval(window.__ellaRecord, 20);
   });
   await page.evaluate(async (wf) => {
     await window.app.loadGraphData(structuredClone(wf), true, true, "tokens");
@@ -108,6 +109,7 @@ try {
   }, null, 60000);
   report.tokens.first_load = await page.evaluate(() => {
     clearInterval(window.__ellaPoll);
+    window.__ellaRecord();  // the final states: on a loaded machine the 20 ms timer can lag behind waitFor's check
     window.__ellaDelayMs = 0;
     return window.__ellaStates;
   });
