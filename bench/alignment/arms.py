@@ -6,9 +6,9 @@ Three arms, each a real trainer option and nothing else different:
   no_time    (c) `connector.time_aware: false`: the same resampler always at t = 0, one context for every step;
   mean_pool  (d) `connector.input_pool: mean`: the LLM features averaged into one token before the resampler.
 The arms share one feature cache (`<workdir>/cache`: same data, same LLM settings, so the trainer's
-settings hash is the same and SmolLM2 encodes the captions once). With `profile.arm_seeds > 1` the arms the
-paper's claim is about, (b) and (c), are trained with that many training seeds, so the confidence intervals of
-stage 8 include training-seed variance. The runs go one after the other (the machine has two cores).
+settings hash is the same and SmolLM2 encodes the captions once). Each arm is trained with `profile.arm_seeds`
+training seeds, so the confidence intervals of stage 8 include training-seed variance; `profile.parallel_runs`
+runs train at once (train_all).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "no_time": {"time_aware": False},
     "mean_pool": {"input_pool": "mean"},
 }
-SEEDED_ARMS = ("tsc", "no_time")  # trained with profile.arm_seeds seeds; the others with the first seed only
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,7 @@ class ArmRun:
 
 def arm_runs(profile: Any) -> list[ArmRun]:
     """Every trainer run of the stage, in the order they are trained."""
-    seeds = list(range(max(1, int(profile.arm_seeds))))
-    return [ArmRun(arm, seed) for arm in ARMS for seed in (seeds if arm in SEEDED_ARMS else seeds[:1])]
+    return [ArmRun(arm, seed) for arm in ARMS for seed in range(max(1, int(profile.arm_seeds)))]
 
 
 SETTINGS = ("arm_images", "arm_captions", "llm_max_length", "arm_steps", "arm_batch", "arm_lr", "arm_warmup",
@@ -141,34 +139,94 @@ def read_metrics(path: Path) -> dict[str, Any]:
     return {"final_loss": loss, "heldout_loss": val, "heldout_curve": val_curve}
 
 
-def train_one(workdir: Path, profile: Any, llm: str, run: ArmRun,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Writes the run's config, runs train.py on it as a subprocess, returns its figures."""
-    config = trainer_config(workdir, profile, llm, run)
-    out = Path(config["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "arms" / f"{run.name}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path)]
-    log_path = out / "train.stdout.log"
-    start = time.perf_counter()
-    with open(log_path, "w") as stream:
-        try:
-            proc = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                                  timeout=float(profile.arm_timeout_s), env=_env())
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"arm {run.name}: train.py ran past {profile.arm_timeout_s} s; its log is {log_path}")
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"arm {run.name}: train.py exited with {proc.returncode} (config {config_path}, "
-                           f"log {log_path}):\n{tail}")
-    if not (out / "ella.safetensors").is_file():
-        raise RuntimeError(f"arm {run.name}: train.py finished but wrote no {out / 'ella.safetensors'}")
-    figures = read_metrics(out / "metrics.jsonl")
-    log(f"  arm {run.name}: {wall:.1f} s, final loss {figures['final_loss']}, held-out loss {figures['heldout_loss']}")
-    return {"arm": run.arm, "seed": run.seed, "wall_s": round(wall, 2), "config": str(config_path),
-            "connector": str(out / "ella.safetensors"), **figures}
+class Training:
+    """One arm run's train.py subprocess, started with `threads` CPU threads."""
+
+    def __init__(self, workdir: Path, profile: Any, llm: str, run: ArmRun, threads: int) -> None:
+        config = trainer_config(workdir, profile, llm, run)
+        config["train"]["threads"] = threads
+        self.run, self.timeout = run, float(profile.arm_timeout_s)
+        self.out = Path(config["output_dir"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "arms" / f"{run.name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.log_path = self.out / "train.stdout.log"
+        self._log = open(self.log_path, "w")
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--config", str(self.config_path)],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=_env())
+
+    def poll(self) -> bool:
+        """True once the run has ended; a run past profile.arm_timeout_s is killed and is an error."""
+        if self.proc.poll() is not None:
+            return True
+        if time.perf_counter() - self.start > self.timeout:
+            self.stop()
+            raise RuntimeError(f"arm {self.run.name}: train.py ran past {self.timeout:.0f} s; its log is {self.log_path}")
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def result(self) -> dict[str, Any]:
+        """The ended run's figures; an error (with the log's tail) if it failed or wrote no connector."""
+        self._log.close()
+        wall = time.perf_counter() - self.start
+        if self.proc.returncode != 0:
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-25:])
+            raise RuntimeError(f"arm {self.run.name}: train.py exited with {self.proc.returncode} (config "
+                               f"{self.config_path}, log {self.log_path}):\n{tail}")
+        if not (self.out / "ella.safetensors").is_file():
+            raise RuntimeError(f"arm {self.run.name}: train.py finished but wrote no {self.out / 'ella.safetensors'}")
+        return {"arm": self.run.arm, "seed": self.run.seed, "wall_s": round(wall, 2), "config": str(self.config_path),
+                "connector": str(self.out / "ella.safetensors"), **read_metrics(self.out / "metrics.jsonl")}
+
+
+def train_all(workdir: Path, profile: Any, llm: str, runs: list[ArmRun],
+              log: Callable[[str], None] = print, poll_s: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Trains the runs, `profile.parallel_runs` at a time, each with an equal share of the stage's threads (two
+    1-thread trainers on 2 idle cores made 2 x 2.0 steps/s of the long profile's arms, one 2-thread trainer 3.2:
+    small convolutions use a second thread poorly). The first run builds the shared feature cache alone; the others start once it is
+    complete, so two trainers never build one cache. -> run name -> figures, in `runs`' order."""
+    total_threads = torch.get_num_threads()  # stage_io.set_threads' choice
+    width = max(1, min(int(profile.parallel_runs), total_threads, len(runs)))
+    threads = max(1, total_threads // width)
+    cache = _cache_path(workdir, profile, llm, runs[0])
+    pending, active, done = list(runs), [], {}
+    try:
+        while pending or active:
+            for training in list(active):
+                if training.poll():
+                    active.remove(training)
+                    done[training.run.name] = record = training.result()
+                    log(f"  arm {training.run.name}: {record['wall_s']:.1f} s ({threads} thread(s)), final loss "
+                        f"{record['final_loss']}, held-out loss {record['heldout_loss']}")
+            limit = width if done or _is_complete(cache) else 1  # one run alone until the cache is built
+            while pending and len(active) < limit:
+                active.append(Training(workdir, profile, llm, pending.pop(0), threads))
+            if active:
+                time.sleep(poll_s)
+    finally:
+        for training in active:
+            training.stop()
+    return {run.name: done[run.name] for run in runs}
+
+
+def _cache_path(workdir: Path, profile: Any, llm: str, run: ArmRun) -> Path:
+    """The folder training/train.py writes the runs' shared feature cache to (training.cache.cache_dir)."""
+    from training.cache import cache_dir
+    from training.config import config_from_dict
+
+    return cache_dir(config_from_dict(trainer_config(workdir, profile, llm, run)), torch.float32)
+
+
+def _is_complete(folder: Path) -> bool:
+    from training.cache import FeatureCache
+
+    return FeatureCache.is_complete(folder)
 
 
 def _env() -> dict[str, str]:
@@ -193,9 +251,7 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
         return figures
     progress = stage_io.begin(stage, profile)
     write_data(workdir, profile)
-    runs = {}
-    for arm_run in arm_runs(profile):
-        runs[arm_run.name] = train_one(workdir, profile, llm, arm_run, progress)
+    runs = train_all(workdir, profile, llm, arm_runs(profile), progress)
     figures = {"context_dim": context_width(workdir), "runs": runs, "seconds": round(progress.elapsed, 1)}
     return stage_io.finish(stage, own, figures)
 

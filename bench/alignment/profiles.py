@@ -63,7 +63,8 @@ class Profile:
     arm_batch: int = 32
     arm_lr: float = 1e-3
     arm_warmup: int = 20
-    arm_seeds: int = 2  # training seeds of (b) TSC and (c) no-timestep; (d) is trained once
+    arm_seeds: int = 2  # training seeds of every arm: the intervals of stage 8 then include training-seed variance
+    parallel_runs: int = 2  # trainer runs at once, sharing the threads (arms.train_all); changes no result
     arm_layers: int = 2  # connector: Perceiver blocks, heads, output tokens, timestep features / embedding
     arm_heads: int = 4
     arm_latents: int = 32
@@ -107,8 +108,8 @@ SMOKE = replace(SMOKE, arm_images=32, arm_steps=3, arm_batch=4, arm_warmup=1, ar
                 arm_val_every=0, upper_steps=3, upper_batch=4, gen_prompts=4, gen_seeds=2, boot_samples=200,
                 grid_prompts=4)
 SMOKE = replace(SMOKE, denoise_timesteps=(100, 900), denoise_draws=1)
-# the full profile's stages 1-4 with 4x longer connector and upper-bound training (one training seed): the
-# connectors were still improving at 400 steps; about 95 min on 2 cores (docs/alignment.md, run 5)
-LONG = replace(FULL, name="long", arm_steps=1600, arm_lr=2e-3, arm_seeds=1, upper_steps=1600, arm_timeout_s=3000)
+# the full profile's stages 1-4 with 4x longer connector and upper-bound training: the connectors were still
+# improving at 400 steps (docs/alignment.md, runs 4-6)
+LONG = replace(FULL, name="long", arm_steps=1600, arm_lr=2e-3, upper_steps=1600, arm_timeout_s=3000)
 
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE, LONG)}
