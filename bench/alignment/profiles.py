@@ -1,8 +1,8 @@
 """Every size and step count of the alignment benchmark, per profile; no other module holds a number like these.
 
-`full` is the run the report quotes (world+VAE+judge+base in 13 min on 2 idle cores, ~45 min in all), `long`
-the same world and base with 4x longer connector training, `quick` a few minutes, `smoke` checks the
-plumbing in seconds (its models learn nothing useful).
+`full` fits the issue's budget (world+VAE+judge+base in 10 min on 2 idle cores, 37 min in all); `long` (75 min),
+the run docs/alignment.md quotes, is the same world and base with 4x longer connector and upper-bound
+training; `quick` takes a few minutes; `smoke` checks the plumbing in seconds (its models learn nothing).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Stage 8b `report`: the markdown tables (printed and written to `<workdir>/report.md`) and the picture grid
-(prompts x methods, `<workdir>/report/alignment_grid.png`, copied to docs/img/ by a run of the full profile).
+(prompts x methods, `<workdir>/report/alignment_grid.png`, copied to docs/img/alignment_grid_<profile>.png by a run of the full or long profile).
 
 Everything here reads what the stages before wrote (the results.json of evaluate and denoise, the images, the
 stages' done.json): no figure is computed twice.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -199,12 +199,13 @@ def markdown(workdir: Path, results: dict[str, Any], done: dict[str, dict[str, A
     return "\n".join(parts)
 
 
-def build(workdir: Path, profile: Any, stages: list[str], copy_to_docs: bool) -> dict[str, Any]:
-    """Stage 8b: report.md and the grid; the grid is copied into docs/img when `copy_to_docs` (a full run)."""
+def build(workdir: Path, profile: Any, stages: list[str], docs_grid: Optional[str] = None) -> dict[str, Any]:
+    """Stage 8b: report.md and the grid; the grid is copied to docs/img/<docs_grid> when given (the runs
+    docs/alignment.md quotes: the full and long profiles, each its own file)."""
     workdir = Path(workdir)
     stage = workdir / "report"
     own = {"evaluate": stage_io.settings_of(workdir / "evaluate"), "denoise": stage_io.settings_of(workdir / "denoise"),
-           "copy_to_docs": copy_to_docs,
+           "docs_grid": docs_grid,
            **profile.settings(*SETTINGS)}
     if (figures := stage_io.cached(stage, own)) is not None:
         return figures
@@ -216,7 +217,7 @@ def build(workdir: Path, profile: Any, stages: list[str], copy_to_docs: bool) ->
     methods = [m for m in generate.METHODS if (workdir / "generate" / m).is_dir()]
     picture = grid(workdir, grid_rows(workdir, int(profile.grid_prompts)), methods)
     picture.save(stage / "alignment_grid.png")
-    if copy_to_docs:
-        shutil.copyfile(stage / "alignment_grid.png", DOCS_IMG / "alignment_grid.png")
+    if docs_grid:
+        shutil.copyfile(stage / "alignment_grid.png", DOCS_IMG / docs_grid)
     (stage / "report.md").write_text(text)
     return stage_io.finish(stage, own, {"report": str(workdir / "report.md"), "grid": str(stage / "alignment_grid.png")})

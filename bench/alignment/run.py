@@ -43,10 +43,11 @@ def stages(profile_name: str, llm: str) -> list[tuple[str, Callable[[Path, Any],
         ("generate", lambda w, p: generate.build(w, p, llm)),
         ("evaluate", evaluate.build),
         ("denoise", lambda w, p: denoise.build(w, p, llm)),
-        ("report", lambda w, p: report.build(w, p, STAGE_NAMES, copy_to_docs=profile_name == "full")),
+        ("report", lambda w, p: report.build(w, p, STAGE_NAMES, docs_grid=DOCS_GRIDS.get(profile_name))),
     ]
 
 
+DOCS_GRIDS = {"full": "alignment_grid_full.png", "long": "alignment_grid_long.png"}  # docs/img/: the quoted runs
 STAGE_NAMES = ["world", "vae", "judge", "base", "arms", "upper", "generate", "evaluate", "denoise", "report"]
 
 
