@@ -189,11 +189,12 @@ def train_all(workdir: Path, profile: Any, llm: str, runs: list[ArmRun],
               log: Callable[[str], None] = print, poll_s: float = 1.0) -> dict[str, dict[str, Any]]:
     """Trains the runs, `profile.parallel_runs` at a time, each with an equal share of the stage's threads (two
     1-thread trainers on 2 idle cores made 2 x 2.0 steps/s of the long profile's arms, one 2-thread trainer 3.2:
-    small convolutions use a second thread poorly). The first run builds the shared feature cache alone; the others start once it is
-    complete, so two trainers never build one cache. -> run name -> figures, in `runs`' order."""
-    total_threads = torch.get_num_threads()  # stage_io.set_threads' choice
-    width = max(1, min(int(profile.parallel_runs), total_threads, len(runs)))
-    threads = max(1, total_threads // width)
+    small convolutions use a second thread poorly). The first run builds the shared feature cache alone; the
+    others start once it is complete, so two trainers never build one cache. -> run name -> figures, in `runs`' order."""
+    from training.cache import FeatureCache
+
+    width = stage_io.parallel_width(profile, len(runs))
+    threads = max(1, torch.get_num_threads() // width)  # of stage_io.set_threads' choice
     cache = _cache_path(workdir, profile, llm, runs[0])
     pending, active, done = list(runs), [], {}
     try:
@@ -204,7 +205,7 @@ def train_all(workdir: Path, profile: Any, llm: str, runs: list[ArmRun],
                     done[training.run.name] = record = training.result()
                     log(f"  arm {training.run.name}: {record['wall_s']:.1f} s ({threads} thread(s)), final loss "
                         f"{record['final_loss']}, held-out loss {record['heldout_loss']}")
-            limit = width if done or _is_complete(cache) else 1  # one run alone until the cache is built
+            limit = width if done or FeatureCache.is_complete(cache) else 1  # one run alone until the cache is built
             while pending and len(active) < limit:
                 active.append(Training(workdir, profile, llm, pending.pop(0), threads))
             if active:
@@ -216,17 +217,18 @@ def train_all(workdir: Path, profile: Any, llm: str, runs: list[ArmRun],
 
 
 def _cache_path(workdir: Path, profile: Any, llm: str, run: ArmRun) -> Path:
-    """The folder training/train.py writes the runs' shared feature cache to (training.cache.cache_dir)."""
-    from training.cache import cache_dir
+    """The folder training/train.py writes the runs' shared feature cache to."""
     from training.config import config_from_dict
 
-    return cache_dir(config_from_dict(trainer_config(workdir, profile, llm, run)), torch.float32)
+    return trainer_cache_dir(config_from_dict(trainer_config(workdir, profile, llm, run)))
 
 
-def _is_complete(folder: Path) -> bool:
-    from training.cache import FeatureCache
+def trainer_cache_dir(config: Any) -> Path:
+    """training.cache.cache_dir of an arm's trainer config: the arms train in float32 (`mixed_precision: no`),
+    so that is the VAE dtype in the cache's settings hash (the upper bound reads the same folder)."""
+    from training.cache import cache_dir
 
-    return FeatureCache.is_complete(folder)
+    return cache_dir(config, torch.float32)
 
 
 def _env() -> dict[str, str]:

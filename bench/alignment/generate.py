@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -204,8 +205,6 @@ def sample_models(jobs: list[tuple[str, Callable[[], Conditioner]]], sample: Cal
     from concurrent.futures import ThreadPoolExecutor
 
     def one(job: tuple[str, Callable[[], Conditioner]]) -> tuple[Any, float]:
-        import time
-
         start = time.perf_counter()
         conditioner = job[1]()
         return sample(conditioner), time.perf_counter() - start
@@ -241,7 +240,7 @@ def build(workdir: Path, profile: Any, llm: str) -> dict[str, Any]:
     def sample(conditioner: Conditioner) -> dict[str, np.ndarray]:
         return {split: generate_method(conditioner, vae, scheduler, prompts[split], profile) for split in SPLITS}
 
-    width = max(1, min(int(profile.parallel_runs), torch.get_num_threads(), len(jobs)))
+    width = stage_io.parallel_width(profile, len(jobs))
     results = sample_models(jobs, sample, width)
     figures: dict[str, Any] = {"prompts": {s: len(p) for s, p in prompts.items()}, "seconds_per_method": {},
                                "models": {}, "parallel_models": width}

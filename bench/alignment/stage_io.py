@@ -88,3 +88,9 @@ def set_threads(profile: Any) -> None:
     """The budget is for `profile.threads` idle cores: use that many, whatever the machine has. On a busy
     machine fewer threads waste less time spinning: ALIGNMENT_THREADS overrides (it changes no result)."""
     torch.set_num_threads(int(os.environ.get("ALIGNMENT_THREADS") or profile.threads))
+
+
+def parallel_width(profile: Any, jobs: int) -> int:
+    """How many of a stage's `jobs` (trainer runs, models to sample) run at once, each with an equal share of
+    the threads: `profile.parallel_runs`, at most one a thread and one a job."""
+    return max(1, min(int(profile.parallel_runs), torch.get_num_threads(), jobs))

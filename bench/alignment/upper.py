@@ -40,12 +40,12 @@ class Projection(nn.Module):
 def cached_training_set(workdir: Path) -> tuple[torch.Tensor, list[list[str]], dict[str, torch.Tensor]]:
     """From the arms' feature cache: latents (N, C, h, w), each sample's captions, caption -> features (L, D)
     (the empty prompt under "")."""
-    from training.cache import FeatureCache, cache_dir
+    from training.cache import FeatureCache
     from training.config import load_config
 
     first = arms_stage.arm_runs_from_done(workdir)[0]
     config = load_config(first["config"], [])
-    folder = cache_dir(config, torch.float32)
+    folder = arms_stage.trainer_cache_dir(config)
     if not FeatureCache.is_complete(folder):
         raise RuntimeError(f"upper: the arms' feature cache {folder} is not complete (run the arms stage again: "
                            "python bench/alignment/run.py --force arms)")
