@@ -9,8 +9,10 @@ printed: min and median seconds per step (wall clock, and CPU time of this proce
 shared machine), the ratios ELLA / static, the in-run ratio (an ELLA run's CPU time over the same run without
 the connector's own CPU time, immune to load changes between runs), the connector's work per run (contexts
 computed, forward passes, of which precomputed from the schedule), and the arithmetic floor: the connector's
-FLOPs per context over the UNet's per row, which no exact method can go below. Small latents (8x8) make the
-connector's share as large as it gets; at 64x64 (512 px) the UNet dominates. These cold runs have the
+FLOPs per context over the UNet's per row, and the throughput floor: the connector's FLOPs per run at the
+best rate this device reaches on the connector's own matrix products, over the static run's time, i.e. the
+least ratio any method that computes the connector's own arithmetic can reach here. Small latents (8x8) make
+the connector's share as large as it gets; at 64x64 (512 px) the UNet dominates. These cold runs have the
 cross-run context store off. Then the repeat-run figure: the same ELLA graph queued again with a new seed
 (the store on, filled by one run), alternated with static runs: its seconds per step, ratios to static and
 the connector work it still did (0 forwards when every context came from the store).
@@ -74,27 +76,57 @@ def connector_step_seconds(connector, prompts, repeats: int) -> float:
     return statistics.median(times)
 
 
-def flop_floor(unet, connector, prompt, latent: int) -> tuple[float, float]:
-    """Arithmetic bound of exact per-step conditioning: FLOPs of one context (one prompt at one t,
-    projection excluded: it runs once per prompt and run) over FLOPs of one UNet row (one latent, one call).
-    Every UNet row needs its own prompt's context at its own t, so no exact method does less than this
-    (contexts are shared only between the rows of one batch). Returns (context GFLOP, UNet GFLOP per row)."""
+def context_flops(connector, prompt) -> tuple[float, float]:
+    """GFLOP of one context (one prompt at one t, projection excluded) and of one prompt's projection."""
     from torch.utils.flop_counter import FlopCounterMode
 
     ella = connector()
     cond = h.pack_module("ella_core.conditioning")
-    projected = cond.ContextCache(connector=connector)._projected(prompt, ella)
-    diffusion = unet.model.diffusion_model
-    x = torch.zeros(1, 4, latent, latent, dtype=diffusion.dtype)
-    context = torch.zeros(1, ella.config.num_latents, ella.config.width, dtype=diffusion.dtype)
     with torch.no_grad():
+        with FlopCounterMode(display=False) as counted:
+            projected = cond.ContextCache(connector=connector)._projected(prompt, ella)
+        proj = counted.get_total_flops()
         with FlopCounterMode(display=False) as counted:
             ella.forward_projected(projected, torch.tensor([500.0]))
         ctx = counted.get_total_flops()
-        with FlopCounterMode(display=False) as counted:
-            diffusion(x, torch.tensor([500.0]), context)
-        row = counted.get_total_flops()
-    return ctx / 1e9, row / 1e9
+    return ctx / 1e9, proj / 1e9
+
+
+def unet_row_flops(unet, connector, latent: int) -> float:
+    """GFLOP of one UNet row (one latent, one call) at this latent side."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = connector().config
+    diffusion = unet.model.diffusion_model
+    x = torch.zeros(1, 4, latent, latent, dtype=diffusion.dtype)
+    context = torch.zeros(1, config.num_latents, config.width, dtype=diffusion.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        diffusion(x, torch.tensor([500.0]), context)
+    return counted.get_total_flops() / 1e9
+
+
+def matmul_ceiling(connector, tokens: int, rows: int, repeats: int = 5) -> float:
+    """GFLOP/s: the best rate this device reaches on the connector's own matrix products (key/value, query,
+    MLP and output projections of `rows` contexts at once, in its dtype, at this thread count). They are
+    nearly all of a context's FLOPs, so a run's contexts take at least their FLOPs over this rate, whatever
+    the method, as long as each context is the connector's own arithmetic."""
+    ella = connector()
+    c = ella.config
+    n, w = c.num_latents, c.width
+    shapes = [(rows * (n + tokens), w, 2 * w), (rows * n, w, w), (rows * n, w, c.MLP_RATIO * w),
+              (rows * n, c.MLP_RATIO * w, w)]
+    best = 0.0
+    for m, k, out in shapes:
+        x = torch.randn(m, k, device=ella.device, dtype=ella.dtype)
+        weight = torch.randn(out, k, device=ella.device, dtype=ella.dtype)
+        torch.nn.functional.linear(x, weight)  # warm-up
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            sync()
+            best = max(best, 2 * m * k * out / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def run_config(unet, ella_model, hook, conds, latent: int, batch: int, sampler: str, args) -> dict:
@@ -131,6 +163,14 @@ def summary(runs: list, which: int) -> tuple[float, float]:
     return min(values), statistics.median(values)
 
 
+def ratio_columns(r: dict) -> str:
+    """Static and ELLA s/step (wall, min and median), their ratios and the CPU-time ratios, as printed."""
+    (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
+    (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
+    return (f"{pw:9.4f} {pwm:9.4f} | {ew:9.4f} {ewm:9.4f} | {ew / pw:.3f} {ewm / pwm:.3f} | "
+            f"{ec / pc:9.3f} {ecm / pcm:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latent", type=int, nargs="+", default=[8], help="latent sides (pixels / 8)")
@@ -163,36 +203,46 @@ def main() -> None:
           "| CPU ratio min  med | in-run min med | contexts forwards precomputed per run", flush=True)
     print("(ratio: wall clock; CPU ratio: this process's CPU time; in-run: ELLA run CPU / (same run minus the "
           "connector's CPU time), which no load drift between runs can skew)", flush=True)
-    floors, repeats = {}, []
+    ctx_gflop, proj_gflop = context_flops(running, prompts[0])
+    repeats, ceilings, floor_rows = [], {}, []
     for latent, batch, sampler in itertools.product(args.latent, args.batch, args.sampler):
         with h.context_store("0"):  # cold: every run computes its own contexts
             r = run_config(unet, ella_model, hook, conds, latent, batch, sampler, args)
         repeats.append(((latent, batch, sampler), repeat_config(unet, ella_model, hook, conds, latent, batch,
                                                                 sampler, args)))
-        (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
-        (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
         s = r["stats"]
-        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}| {pw:9.4f} {pwm:9.4f} | {ew:9.4f} {ewm:9.4f} | "
-              f"{ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:9.3f} {ecm / pcm:.3f} | {min(r['implied']):8.3f} "
+        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}| {ratio_columns(r)} | {min(r['implied']):8.3f} "
               f"{statistics.median(r['implied']):.3f} | {s.connector_calls:8d} {s.forwards:8d} {s.precomputed:11d}",
               flush=True)
-        if latent not in floors:
-            floors[latent] = flop_floor(unet, running, prompts[0], latent)
+        rows = max(1, s.connector_calls // max(1, s.forwards))
+        if rows not in ceilings:
+            ceilings[rows] = matmul_ceiling(running, prompts[0].features.shape[1], rows)
+        work = s.connector_calls * ctx_gflop + s.projections * proj_gflop
+        static_cpu = summary(r["plain"], 1)[0] * args.steps
+        floor_rows.append((latent, batch, sampler, work, work / s.cpu_seconds, ceilings[rows],
+                           1 + work / ceilings[rows] / static_cpu))
     print("repeat run (same graph, new seed) | static s/step min med | ELLA s/step min med | ratio min med "
           "| CPU ratio min med | contexts forwards reused per run", flush=True)
     for (latent, batch, sampler), r in repeats:
-        (pw, pwm), (ew, ewm) = summary(r["plain"], 0), summary(r["ella"], 0)
-        (pc, pcm), (ec, ecm) = summary(r["plain"], 1), summary(r["ella"], 1)
         s = r["stats"]
-        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}            | {pw:9.4f} {pwm:9.4f} | "
-              f"{ew:9.4f} {ewm:9.4f} | {ew / pw:.3f} {ewm / pwm:.3f} | {ec / pc:.3f} {ecm / pcm:.3f} | "
+        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}            | {ratio_columns(r)} | "
               f"{s.connector_calls:8d} {s.forwards:8d} {s.reused:6d}", flush=True)
-    for latent, (ctx, row) in floors.items():
-        print(f"FLOPs at {latent}x{latent}: one context {ctx:.2f} GFLOP, one UNet row {row:.2f} GFLOP: exact "
-              f"conditioning adds at least {ctx / row:.3f} FLOP per UNet FLOP at batch 1, {ctx / (4 * row):.3f} at "
-              "batch 4 (each call's cond and uncond need their own context at its t; a batch's rows share them); "
-              "time ratios below 1 + that mean the connector's batched products run faster per FLOP than the UNet",
-              flush=True)
+    for latent in args.latent:
+        row = unet_row_flops(unet, running, latent)
+        print(f"FLOPs at {latent}x{latent}: one context {ctx_gflop:.2f} GFLOP, one UNet row {row:.2f} GFLOP: exact "
+              f"conditioning adds at least {ctx_gflop / row:.3f} FLOP per UNet FLOP at batch 1, "
+              f"{ctx_gflop / (4 * row):.3f} at batch 4 (each call's cond and uncond need their own context at its "
+              "t; a batch's rows share them); time ratios below 1 + that mean the connector's batched products run "
+              "faster per FLOP than the UNet", flush=True)
+    print("throughput floor | connector GFLOP per run (projections included) | its rate GFLOP/s | this device's "
+          "best rate on its matrix products GFLOP/s | least ratio to static any exact method reaches here",
+          flush=True)
+    print("(least ratio: 1 + the run's connector FLOPs at the best matrix-product rate, over the static run's "
+          "minimum CPU time; a target below it cannot be met on this device without changing the arithmetic)",
+          flush=True)
+    for latent, batch, sampler, work, rate, ceiling, least in floor_rows:
+        print(f"{latent:>2}x{latent:<2} batch {batch} {sampler:<6}| {work:8.1f} | {rate:7.1f} "
+              f"({100 * rate / ceiling:.0f} % of the best) | {ceiling:7.1f} | {least:.3f}", flush=True)
     c = connector_step_seconds(running, prompts, 3 * args.repeats)
     print(f"connector alone, one step's 2 contexts in one forward: {c:.4f} s", flush=True)
 

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +156,16 @@ class Training:
         self.start = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--config", str(self.config_path)],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=_env())
+        self.ended: float | None = None  # set the moment the process exits, not when a poll notices it
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        self.ended = time.perf_counter()
 
     def poll(self) -> bool:
         """True once the run has ended; a run past profile.arm_timeout_s is killed and is an error."""
-        if self.proc.poll() is not None:
+        if self.ended is not None:
             return True
         if time.perf_counter() - self.start > self.timeout:
             self.stop()
@@ -174,7 +181,7 @@ class Training:
     def result(self) -> dict[str, Any]:
         """The ended run's figures; an error (with the log's tail) if it failed or wrote no connector."""
         self._log.close()
-        wall = time.perf_counter() - self.start
+        wall = (self.ended if self.ended is not None else time.perf_counter()) - self.start
         if self.proc.returncode != 0:
             tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-25:])
             raise RuntimeError(f"arm {self.run.name}: train.py exited with {self.proc.returncode} (config "

@@ -53,12 +53,11 @@ def train_unet(unet: Any, context_fn: Callable[[list[str]], torch.Tensor], laten
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
         noisy = noised(scheduler, x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=context_fn(texts)).sample
         loss = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         if min_snr_gamma > 0:
-            snr = a.flatten() / (1 - a.flatten())
+            snr = alphas[t] / (1 - alphas[t])  # the noise level noised() applied
             loss = loss * snr.clamp(max=min_snr_gamma) / snr
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)

@@ -143,3 +143,20 @@ def _assert_no_trainer_left(events_file: Path) -> None:
             except OSError:
                 continue
             assert b"fake_train.py" not in cmdline, f"process {pid} is still running"
+
+
+def test_wall_time_is_taken_when_the_run_exits_not_when_a_poll_notices(fake_trainer):
+    """With a poll interval far longer than the runs, each run's wall_s still ends at its own exit: at most
+    its start-to-end span (from its own log) plus the interpreter's start and exit, never a poll interval."""
+    workdir, events_file = fake_trainer
+    torch.set_num_threads(1)
+    profile = _profile(arm_seeds=1, parallel_runs=1)
+    runs = arms.arm_runs(profile)[:2]
+    poll_s = 6.0
+    figures = arms.train_all(workdir, profile, "llm", runs, lambda _: None, poll_s=poll_s)
+    events = _events(events_file)
+    for run in runs:
+        span = [e["time"] for e in events if e["run"] == run.name and e["kind"] in ("start", "end")]
+        assert len(span) == 2
+        wall = figures[run.name]["wall_s"]
+        assert span[1] - span[0] <= wall < span[1] - span[0] + poll_s / 2, (run.name, wall, span)
