@@ -1,6 +1,9 @@
 """Cache-pass throughput of the source side: images/s read, decoded and fitted to 512 px buckets with
-data.num_workers = 0, 1, 2 loader workers (training/decoding.py), alone and with a tiny VAE encoding
-chunks of 16 in the main process meanwhile (as the cache build does).
+data.num_workers = 0, 1, 2 loader workers (training/decoding.py), alone and with an encoder taking chunks
+of 16 in the main process meanwhile (as the cache build does). Two encoders: a tiny VAE on the CPU (it
+competes with the workers for the cores), and a stand-in for a GPU's encoders that waits as long per image
+as decoding takes here with no workers and leaves the CPU free, as a GPU does: with one worker or more the
+two should overlap, towards twice the 0-worker rate.
 
 Synthetic photos-like data (smooth noise, JPEG q90 and PNG, 640x480 and 480x704), a folder with captions.
 
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.config import DataConfig  # noqa: E402
 from training.data import make_buckets  # noqa: E402
 from training.decoding import prepared_part  # noqa: E402
+from training.models import vae_input  # noqa: E402
 
 CHUNK = 16
 
@@ -48,11 +52,18 @@ def _tiny_vae():
                          norm_num_groups=8, sample_size=512).eval()
 
 
+class _DeviceStandIn:
+    """A GPU's encoders as the host sees them: the main process waits `seconds` per image, the CPU is idle."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
 def _rate(config: DataConfig, workers: int, vae) -> float:
     """Images/s of one pass over the folder (the first item's start-up included)."""
     buckets = make_buckets(config.resolution, config.bucket_step, config.max_aspect, config.buckets)
     started, count, chunk = time.perf_counter(), 0, []
-    for prepared in prepared_part(config, 0, 1, 0, buckets, workers):
+    for prepared in prepared_part(config, 0, 1, 0, buckets, workers, 2 * CHUNK):
         count += 1
         if vae is not None and prepared.sample is not None:
             chunk.append(prepared)
@@ -65,12 +76,15 @@ def _rate(config: DataConfig, workers: int, vae) -> float:
 
 
 def _encode(vae, chunk) -> None:
+    if isinstance(vae, _DeviceStandIn):
+        time.sleep(vae.seconds * len(chunk))
+        return
     by_bucket: dict = {}
     for p in chunk:
         by_bucket.setdefault(p.bucket, []).append(p.sample.pixels)
     with torch.no_grad():
         for pixels in by_bucket.values():
-            vae.encode(torch.stack(pixels)).latent_dist.mode()
+            vae.encode(vae_input(torch.stack(pixels), vae.device, vae.dtype)).latent_dist.mode()
 
 
 def source_lines(images: int = 96, workers: tuple[int, ...] = (0, 1, 2)) -> list[str]:
@@ -84,9 +98,13 @@ def source_lines(images: int = 96, workers: tuple[int, ...] = (0, 1, 2)) -> list
             folder.mkdir()
             _write_images(folder, images, fmt)
             config = DataConfig(format="folder", path=str(folder), resolution=512, bucket_step=64)
-            for label, model in (("decode + resize", None), ("+ tiny VAE", vae)):
-                rates = [f"{w} worker(s) {_rate(config, w, model):6.1f}" for w in workers]
-                lines.append(f"  {fmt:<4} {label:<15} images/s: " + ", ".join(rates))
+            alone = {w: _rate(config, w, None) for w in workers}
+            stand_in = _DeviceStandIn(1.0 / alone[workers[0]])
+            rows = [("decode + resize", alone),
+                    (f"+ GPU stand-in ({stand_in.seconds * 1e3:.0f} ms/img)", {w: _rate(config, w, stand_in) for w in workers}),
+                    ("+ tiny VAE on CPU", {w: _rate(config, w, vae) for w in workers})]
+            for label, rates in rows:
+                lines.append(f"  {fmt:<4} {label:<28} images/s: " + ", ".join(f"{w} worker(s) {r:6.1f}" for w, r in rates.items()))
     return lines
 
 

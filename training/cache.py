@@ -366,7 +366,7 @@ def _encode_source(config: Config, base: Base, llm: Any, writer: _ShardWriter, d
     seen = 0  # entries of the part gone through in this run
     rounds = _Rounds(dist, where)
     with stop.deferred():
-        source = prepared_source(d, dist.rank, dist.world, last + 1, buckets, d.num_workers)
+        source = prepared_source(d, dist.rank, dist.world, last + 1, buckets, d.num_workers, 2 * chunk_size)
         try:
             for prepared in source:
                 stopping = rounds.exchange(stop.requested, busy=True) if seen % SYNC_EVERY == 0 else (

@@ -471,7 +471,7 @@ def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) ->
 
 @dataclass
 class ImageSample:
-    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    pixels: torch.Tensor  # (3, H, W) uint8: the encoder's device scales it (models.encode_pixels)
     original_size: tuple[int, int]  # (height, width) before resizing
     crop_top_left: tuple[int, int]  # SDXL conditioning
 
@@ -483,7 +483,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> ImageSample:
-    """Resize to cover the bucket (keeping aspect), centre-crop to it, scale to [-1, 1]."""
+    """Resize to cover the bucket (keeping aspect), centre-crop to it. Kept as bytes: loader workers hand
+    the main process, and it the GPU, a quarter of what float pixels would weigh."""
     bh, bw = bucket
     w, h = image.size
     scale = max(bw / w, bh / h)
@@ -491,7 +492,7 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> ImageSample:
     resized = image.resize((rw, rh), Image.BICUBIC)
     top, left = (rh - bh) // 2, (rw - bw) // 2
     cropped = resized.crop((left, top, left + bw, top + bh))
-    array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    array = np.array(cropped, dtype=np.uint8)  # (H, W, 3), writable (from_numpy warns on a read-only view)
     return ImageSample(torch.from_numpy(array).permute(2, 0, 1).contiguous(), (h, w), (top, left))
 
 

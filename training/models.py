@@ -35,6 +35,19 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# uint8 -> [-1, 1] as a lookup table computed once in float32 on the host: the same 256 values on every device
+# (a device's `x / 127.5` may round differently), so latents cached on one machine match online ones on another.
+_PIXEL_VALUES = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
+
+
+def vae_input(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The VAE's input on `device`: uint8 pixels are sent as bytes (a quarter of float's traffic) and scaled
+    there; float pixels are taken as already in [-1, 1]."""
+    if pixels.dtype != torch.uint8:
+        return pixels.to(device, dtype)
+    return _PIXEL_VALUES.to(device)[pixels.to(device).long()].to(dtype)
+
+
 @dataclass
 class Base:
     """The frozen diffusion model and what the loop needs to know about it."""
@@ -62,9 +75,9 @@ class Base:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f): the distribution's mean (deterministic,
-        so cached and online latents agree)."""
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        """(B, 3, H, W) uint8 (or float already in [-1, 1]) -> scaled latents (B, C, H/f, W/f): the
+        distribution's mean (deterministic, so cached and online latents agree)."""
+        latents = self.vae.encode(vae_input(pixels, self.vae.device, self.vae.dtype)).latent_dist.mode()
         return self.scale_latents(latents)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,40 @@ def test_buckets_cover_aspects_and_crop_is_recorded():
     sample = fit_to_bucket(Image.new("RGB", (120, 60), (255, 0, 0)), (32, 32))
     assert sample.pixels.shape == (3, 32, 32) and sample.original_size == (60, 120)
     assert sample.crop_top_left == (0, 16)  # resized to 64x32, centre crop
-    assert torch.allclose(sample.pixels[0], torch.ones(32, 32)) and torch.allclose(sample.pixels[1], -torch.ones(32, 32))
+    assert sample.pixels.dtype == torch.uint8  # scaled to [-1, 1] on the encoder's device (models.vae_input)
+    assert bool((sample.pixels[0] == 255).all()) and bool((sample.pixels[1:] == 0).all())
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_byte_pixels_reach_the_vae_as_float_pixels_did(tiny_sd15, dtype):
+    """Pixels travel as uint8 and are scaled where the VAE runs: bit for bit the values, and so the latents, of
+    the float32 `x / 127.5 - 1` pixels they replace (caches built before the change stay valid)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.config import ModelConfig
+    from training.models import load_base, vae_input
+
+    base = load_base(ModelConfig(pretrained=str(tiny_sd15)), torch.device("cpu"), torch.float32)
+    rng = np.random.default_rng(7)
+    by_bucket: dict = {}
+    for i in range(24):
+        size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        bucket = [(32, 32), (16, 48), (48, 16)][i % 3]
+        pixels = fit_to_bucket(image, bucket).pixels
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, *bucket)
+        as_float = torch.from_numpy(pixels.numpy().astype(np.float32) / 127.5 - 1.0)  # the former output
+        assert torch.equal(vae_input(pixels, torch.device("cpu"), dtype), as_float.to(dtype))
+        by_bucket.setdefault(bucket, []).append((pixels, as_float))
+    assert torch.equal(vae_input(torch.arange(256, dtype=torch.uint8), torch.device("cpu"), torch.float32),
+                       torch.from_numpy(np.arange(256, dtype=np.float32) / 127.5 - 1.0))
+    with torch.no_grad():
+        for pairs in by_bucket.values():
+            as_bytes = base.encode_pixels(torch.stack([b for b, _ in pairs]))
+            assert torch.equal(as_bytes, base.encode_pixels(torch.stack([f for _, f in pairs])))
+            assert torch.isfinite(as_bytes).all() and as_bytes.abs().sum() > 0
 
 def test_batch_plan_is_the_same_split_over_processes_and_resumable():
     buckets = [(32, 32)] * 10 + [(32, 64)] * 7

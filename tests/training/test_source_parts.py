@@ -199,3 +199,36 @@ def test_every_process_agrees_on_a_cheap_signature(tmp_path):
     assert source_signature(_source("wds-4", tmp_path)) == 5  # 4 shards and the missing one
     manifest = _source("jsonl", tmp_path)
     assert source_signature(manifest) == Path(manifest.path).stat().st_size
+
+
+@pytest.mark.parametrize("workers,lookahead", [(1, 8), (2, 8), (2, 13), (3, 12)])
+def test_workers_keep_the_lookahead_ready_while_the_consumer_encodes(tmp_path, monkeypatch, workers, lookahead):
+    """A cache build takes a chunk, then encodes it: meanwhile the workers must go on preparing up to the
+    lookahead (with too shallow a prefetch they stopped after 4 and overlapped nothing), and no further."""
+    import os
+    import time
+
+    from training import decoding
+
+    config = _source("folder", tmp_path)
+    marks = tmp_path / "prepared"
+    marks.mkdir()
+    real = decoding.prepare
+
+    def counted(position, ordinal, item, buckets):  # runs in the (forked) worker processes
+        (marks / f"{os.getpid()}-{position}").touch()
+        return real(position, ordinal, item, buckets)
+
+    monkeypatch.setattr(decoding, "prepare", counted)
+    source = prepared_part(config, 0, 1, 0, make_buckets(32, 8, 2.0), num_workers=workers, lookahead=lookahead)
+    first = next(source)  # the consumer holds it (encoding) and asks for nothing more
+    deadline = time.monotonic() + 60
+    while len(list(marks.iterdir())) < 1 + lookahead and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reached = len(list(marks.iterdir()))
+    time.sleep(0.5)  # anything the workers would still start
+    settled = len(list(marks.iterdir()))
+    rest = list(source)
+    assert first.position == 0 and len(rest) == 20
+    assert reached >= 1 + lookahead, f"only {reached} of {1 + lookahead} prepared while the consumer waited"
+    assert settled <= 1 + lookahead + 2 * workers, f"{settled} prepared ahead, lookahead {lookahead}"
