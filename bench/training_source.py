@@ -17,18 +17,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.cache import CHUNK  # noqa: E402 (the encoder chunk of the cache build)
 from training.config import DataConfig  # noqa: E402
 from training.data import make_buckets  # noqa: E402
 from training.decoding import prepared_part  # noqa: E402
 from training.models import vae_input  # noqa: E402
-
-CHUNK = 16
 
 
 def _write_images(folder: Path, count: int, fmt: str) -> None:
@@ -52,46 +52,43 @@ def _tiny_vae():
                          norm_num_groups=8, sample_size=512).eval()
 
 
-class _DeviceStandIn:
+def _vae_encoder(vae) -> Callable[[list], None]:
+    def encode(chunk: list) -> None:
+        by_bucket: dict = {}
+        for p in chunk:
+            by_bucket.setdefault(p.bucket, []).append(p.sample.pixels)
+        with torch.no_grad():
+            for pixels in by_bucket.values():
+                vae.encode(vae_input(torch.stack(pixels), vae.device, vae.dtype)).latent_dist.mode()
+    return encode
+
+
+def _device_stand_in(seconds: float) -> Callable[[list], None]:
     """A GPU's encoders as the host sees them: the main process waits `seconds` per image, the CPU is idle."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    return lambda chunk: time.sleep(seconds * len(chunk))
 
 
-def _rate(config: DataConfig, workers: int, vae) -> float:
+def _rate(config: DataConfig, workers: int, encode: Optional[Callable[[list], None]]) -> float:
     """Images/s of one pass over the folder (the first item's start-up included)."""
     buckets = make_buckets(config.resolution, config.bucket_step, config.max_aspect, config.buckets)
     started, count, chunk = time.perf_counter(), 0, []
     for prepared in prepared_part(config, 0, 1, 0, buckets, workers, 2 * CHUNK):
         count += 1
-        if vae is not None and prepared.sample is not None:
+        if encode is not None and prepared.sample is not None:
             chunk.append(prepared)
             if len(chunk) == CHUNK:
-                _encode(vae, chunk)
+                encode(chunk)
                 chunk = []
-    if vae is not None and chunk:
-        _encode(vae, chunk)
+    if encode is not None and chunk:
+        encode(chunk)
     return count / (time.perf_counter() - started)
-
-
-def _encode(vae, chunk) -> None:
-    if isinstance(vae, _DeviceStandIn):
-        time.sleep(vae.seconds * len(chunk))
-        return
-    by_bucket: dict = {}
-    for p in chunk:
-        by_bucket.setdefault(p.bucket, []).append(p.sample.pixels)
-    with torch.no_grad():
-        for pixels in by_bucket.values():
-            vae.encode(vae_input(torch.stack(pixels), vae.device, vae.dtype)).latent_dist.mode()
 
 
 def source_lines(images: int = 96, workers: tuple[int, ...] = (0, 1, 2)) -> list[str]:
     """The measurement as printed lines."""
     lines = [f"cache pass, source side: {images} synthetic images at 512 px buckets, torch threads "
              f"{torch.get_num_threads()}, {len(os.sched_getaffinity(0))} CPU(s)"]
-    vae = _tiny_vae()
+    vae = _vae_encoder(_tiny_vae())
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("jpeg", "png"):
             folder = Path(tmp) / fmt
@@ -99,12 +96,14 @@ def source_lines(images: int = 96, workers: tuple[int, ...] = (0, 1, 2)) -> list
             _write_images(folder, images, fmt)
             config = DataConfig(format="folder", path=str(folder), resolution=512, bucket_step=64)
             alone = {w: _rate(config, w, None) for w in workers}
-            stand_in = _DeviceStandIn(1.0 / alone[workers[0]])
+            per_image = 1.0 / alone[workers[0]]
+            stand_in = _device_stand_in(per_image)
             rows = [("decode + resize", alone),
-                    (f"+ GPU stand-in ({stand_in.seconds * 1e3:.0f} ms/img)", {w: _rate(config, w, stand_in) for w in workers}),
+                    (f"+ GPU stand-in ({per_image * 1e3:.0f} ms/img)", {w: _rate(config, w, stand_in) for w in workers}),
                     ("+ tiny VAE on CPU", {w: _rate(config, w, vae) for w in workers})]
             for label, rates in rows:
-                lines.append(f"  {fmt:<4} {label:<28} images/s: " + ", ".join(f"{w} worker(s) {r:6.1f}" for w, r in rates.items()))
+                shown = ", ".join(f"{w} worker(s) {r:6.1f}" for w, r in rates.items())
+                lines.append(f"  {fmt:<4} {label:<28} images/s: {shown}")
     return lines
 
 

@@ -148,7 +148,8 @@ def pretrain_text_reliant_unet(base: Path, t5: Path, out: Path, steps: int = 120
     samples = synthetic_samples(96, seed=5)
     with torch.no_grad():
         pixels = torch.stack([fit_to_bucket(image, (32, 32)).pixels for _, image, _ in samples])
-        latents = vae.encode(vae_input(pixels, vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor  # (96, 4, 8, 8)
+        latents = vae.encode(vae_input(pixels, vae.device, vae.dtype)).latent_dist.mode()
+        latents = latents * vae.config.scaling_factor  # (96, 4, 8, 8)
         features = encoder.encode([c[0] for _, _, c in samples], max_length=16).features
     torch.manual_seed(12345)  # unrelated to the seeds the tests give new connectors
     ella = ELLA(ELLAConfig(input_dim=features.shape[-1], width=32, layers=2, heads=4, num_latents=8,
